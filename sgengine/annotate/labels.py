@@ -1,0 +1,25 @@
+"""Self-labels: features -> L2-normalise -> k-means -> one cluster id per image (SPEC section 1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .io import Annotations
+from .kmeans import KMeans
+
+
+def self_label(features: torch.Tensor, k: int, niter: int = 30, seed: int = 0,
+               normalize: bool = True, verbose: bool = False) -> tuple[torch.Tensor, KMeans]:
+    """Cluster ids int64 (N,) of (N, d) features with Euclidean k-means on L2-normalised features."""
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf; check the extractor or the input images")
+    x = F.normalize(features.float(), dim=1) if normalize else features.float()
+    km = KMeans(x.shape[1], k, niter=niter, seed=seed, verbose=verbose).train(x)
+    ids, _ = km.assign(x)
+    return ids.long().cpu(), km
+
+
+def label_annotations(features: torch.Tensor, k: int, settings: dict, **kw) -> Annotations:
+    ids, km = self_label(features, k, **kw)
+    objective = float(km.objective[-1]) if km.objective else float("nan")
+    return Annotations(ids, k, settings={**settings, "k": k, "kmeans_objective": objective, **kw})

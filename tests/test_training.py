@@ -1,0 +1,97 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from sgengine.config import parse_args, preset
+from sgengine.sampling import load_generator
+from sgengine.training.checkpoint import latest_checkpoint
+from sgengine.training.ema import ema_decay, ema_update
+from sgengine.training.trainer import NonFiniteLoss, Trainer
+from sgengine.viz import read_jsonl
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), condition="labels")
+    return dataclasses.replace(preset("tiny"), **{**base, **kw})
+
+
+def test_ema_rule():
+    assert ema_decay(0) == pytest.approx(0.1)
+    assert ema_decay(90) == pytest.approx(91 / 100)
+    assert ema_decay(10**7) == 0.9999
+    ema, live = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = ema.weight.detach().clone()
+    ema_update(ema, live, 0.9)
+    torch.testing.assert_close(ema.weight, 0.9 * before + 0.1 * live.weight.detach())
+
+
+def test_smoke_30_steps_lowers_the_loss(tmp_path):
+    out = Trainer(_cfg(tmp_path)).run()
+    losses = [r["loss"] for r in read_jsonl(out["metrics"])]
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    assert out["grid"].exists() and out["curve"].exists()
+
+
+def _params(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_checkpoint_round_trip_gives_the_ema_weights(tmp_path):
+    tr = Trainer(_cfg(tmp_path, steps=6))
+    tr.run()
+    gen = load_generator(tmp_path / "run")
+    for k, v in _params(tr.ema).items():
+        torch.testing.assert_close(gen.net.state_dict()[k], v, rtol=0, atol=0)
+    assert gen.counts.sum() == 1797 and gen.k == 10
+
+
+def test_resume_reaches_the_same_parameters(tmp_path):
+    straight = Trainer(_cfg(tmp_path / "a", steps=20, ckpt_every=10))
+    straight.run()
+    Trainer(_cfg(tmp_path / "b", steps=10, ckpt_every=10)).run()  # "killed" after step 10
+    resumed = Trainer(_cfg(tmp_path / "b", steps=20, ckpt_every=10, resume=True))
+    assert resumed.step == 10
+    resumed.run()
+    for mod in ("net", "ema"):
+        want, got = _params(getattr(straight, mod)), _params(getattr(resumed, mod))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert steps == sorted(set(steps))  # no duplicated records after the resume
+
+
+def test_existing_run_needs_resume_and_same_config(tmp_path):
+    Trainer(_cfg(tmp_path, steps=2, ckpt_every=2)).run()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(_cfg(tmp_path, steps=4))
+    with pytest.raises(ValueError, match="lr changed"):
+        Trainer(_cfg(tmp_path, steps=4, lr=0.5, resume=True))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    tr = Trainer(_cfg(tmp_path, steps=10, ckpt_every=2))
+    real = tr.loss_fn
+
+    def poisoned(net, x, **kw):
+        loss = real(net, x, **kw)
+        return loss * float("nan") if tr.step == 4 else loss
+
+    tr.loss_fn = poisoned
+    with pytest.raises(NonFiniteLoss, match="at step 5.*step_00000004"):
+        tr.run()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000004"
+
+
+def test_cli_overrides_and_unknown_keys():
+    cfg = parse_args(["--preset", "tiny", "--steps", "7", "--model.channels", "8", "--hflip", "true"])
+    assert (cfg.steps, cfg.model.channels, cfg.hflip) == (7, 8, True)
+    with pytest.raises(SystemExit):
+        parse_args(["--no-such-key", "1"])
+
+
+def test_paper_preset_without_annotations_names_the_fix(tmp_path):
+    cfg = dataclasses.replace(preset("in32"), out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="sgengine.annotate"):
+        Trainer(cfg)
