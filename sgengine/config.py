@@ -12,8 +12,25 @@ import json
 from dataclasses import dataclass, field, fields
 
 from .models.unet import UNET_PRESETS, UNetConfig
+from .models.uvit import UVIT_PRESETS, UViTConfig
 
 CONDITIONS = ("self-labels", "labels", "annotations", "none")
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """Online self-guidance (SPEC section 2): prototypes clustered from the model's own features."""
+    enabled: bool = False
+    prototypes: int = 100  # K prototypes (K x d, bias-free, re-normalised every step)
+    feature: str = "cls"  # 'cls': mid-block CLS token; 'patches': every mid-block patch token
+    head_hidden: int = 512  # projection head Linear(d, 512) BN ReLU Linear(512, d)
+    temperature: float = 0.1  # of log_softmax(logits / temperature)
+    sk_eps: float = 0.05  # Sinkhorn-Knopp epsilon
+    sk_iters: int = 3
+    t_low: float = 0.8  # feature-time window (authors' code: t in (0.8, 0.9), t=1 data)
+    t_high: float = 0.9
+    stage_switch: float = 0.5  # sigma: the first sigma*N steps are unconditional
+    p_drop: float = 0.15  # stage-2 condition dropout to the learned null token
 
 
 @dataclass(frozen=True)
@@ -22,10 +39,14 @@ class TrainConfig:
     data: str = "digits"  # 'digits', an image folder, or an .npz/.npy array
     out: str = "runs/digits"
     model: UNetConfig = field(default_factory=lambda: UNET_PRESETS["digits"])
+    objective: str = "ddpm"  # 'ddpm' (eps, linear betas), 'edm' (cluster-conditioned EDM), 'flow'
+    arch: str = "unet"  # 'unet' (configured by model.*) or 'uvit' (configured by uvit.*)
+    uvit: UViTConfig = field(default_factory=lambda: UVIT_PRESETS["uvit-tiny"])
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     condition: str = "self-labels"  # one of CONDITIONS
     annotations: str = ""  # annotation file from `python -m sgengine.annotate` (condition='annotations')
     k: int = 10  # clusters for in-process self-labels
-    pca_dim: int = 32  # in-process self-labels: k-means on PCA of pixels (0 = raw pixels)
+    pca_dim: int = 0  # in-process self-labels: k-means on PCA of pixels (0 = raw pixels; best NMI on digits)
     steps: int = 2500
     batch_size: int = 64
     lr: float = 1e-3
@@ -42,18 +63,32 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     ckpt_every: int = 500
     keep_checkpoints: int = 2
-    sample_steps: int = 50  # DDIM steps for the grids (50 for quick validation)
+    sample_steps: int = 50  # sampler steps for the grids (DDIM 50 for quick validation; EDM Heun 18)
+    sampler: str = ""  # '' = the objective's default (ddim / heun / euler)
     guidance_w: float = 2.0
     grid_rows: int = 10
     grid_cols: int = 8
     seed: int = 0
     device: str = "auto"
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # Scale-out and throughput.
+    deepspeed: bool = False  # train through DeepSpeed (pip install sgengine[deepspeed])
+    zero_stage: int = 0  # ZeRO stage 0-3 with --deepspeed
+    grad_accum: int = 1  # gradient accumulation steps
+    ds_config: str = ""  # user DeepSpeed JSON overriding the generated config
+    compile: bool = False  # torch.compile the model (falls back to eager when compile fails)
+    channels_last: bool = False
     resume: bool = False
 
     def __post_init__(self):
         if self.condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
+        if self.arch not in ("unet", "uvit"):
+            raise ValueError(f"arch must be 'unet' or 'uvit', got {self.arch!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.objective not in ("ddpm", "edm", "flow"):
+            raise ValueError(f"objective must be 'ddpm', 'edm' or 'flow', got {self.objective!r}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
         for name in ("steps", "batch_size", "T"):
@@ -128,15 +163,25 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _from_plain(cls_default, d: dict):
+    """Rebuild a (nested) frozen dataclass from JSON-like values; unknown keys fail loudly."""
+    names = {f.name for f in fields(cls_default)}
+    unknown = set(d) - names
+    if unknown:
+        raise KeyError(f"unknown config keys {sorted(unknown)} for {type(cls_default).__name__}")
+    out = {}
+    for key, value in d.items():
+        current = getattr(cls_default, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            out[key] = _from_plain(current, value)
+        else:
+            out[key] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(cls_default, **out)
+
+
 def from_dict(d: dict) -> TrainConfig:
     """Inverse of to_dict; unknown keys fail loudly."""
-    d = dict(d)
-    model = d.pop("model", None)
-    cfg = apply_overrides(TrainConfig(), d)
-    if model is not None:
-        model = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
-        cfg = dataclasses.replace(cfg, model=apply_overrides(UNetConfig(), model))
-    return cfg
+    return _from_plain(TrainConfig(), d)
 
 
 def _flag_names(cfg, prefix: str = "") -> list[tuple[str, object]]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .data import to_uint8
-from .sampling import SAMPLERS, grid_clusters, load_generator, sample
+from .sampling import grid_clusters, load_generator, sample
 from .viz import save_grid
 
 
@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=int, nargs="*", default=None,
                    help="cluster ids, one grid row each; default: drawn from the training frequencies")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--sampler", default=None,
+                   help="ddim|ddpm (ddpm objective), heun|euler (edm), euler|heun|dopri5 (flow); default per objective")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="samples.png", help="PNG grid; the raw samples go to the same name .npz")
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         gen = load_generator(args.ckpt, device)
         ids, rows = _rows(gen, args)
         x = sample(gen, ids, args.n if ids is None else len(ids), w=args.w, steps=args.steps,
-                   sampler=args.sampler, eta=args.eta, seed=args.seed, progress=True)
+                   sampler=args.sampler, seed=args.seed, progress=True)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,24 +8,24 @@ import torch
 
 from .config import TrainConfig, from_dict
 from .data import to_uint8
-from .diffusion.samplers import ddim_sample, ddpm_sample
-from .diffusion.schedules import alphas_cumprod, linear_betas, spaced_timesteps
 from .guidance.cfg import CFG
-from .models.unet import UNet
 from .training.checkpoint import load_meta, load_weights, resolve_checkpoint
-
-SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample}
+from .training.objectives import Objective, build_network, make_objective, run_sampler
 
 
 @dataclass
 class Generator:
-    """A trained model ready to sample: EMA network, config and cluster frequencies."""
-    net: UNet
+    """A trained model ready to sample: EMA denoiser, config, cluster frequencies, objective."""
+    net: torch.nn.Module  # the objective-wrapped network (e.g. EDMPrecond(UNet))
     cfg: TrainConfig
     counts: torch.Tensor | None  # empirical cluster counts of the training set (K,)
+    objective: Objective
 
     @property
     def k(self) -> int:
+        """Size of the condition vector (0: unconditional)."""
+        if self.cfg.arch == "uvit":
+            return self.cfg.uvit.cond_dim or 0
         return self.cfg.model.num_classes
 
     @property
@@ -38,10 +38,11 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", 
     ckpt = resolve_checkpoint(path)
     meta = load_meta(ckpt)
     cfg = from_dict(meta["config"])
-    net = UNet(cfg.model)
+    obj = make_objective(cfg)
+    net = obj.wrap(build_network(cfg))
     net.load_state_dict(load_weights(ckpt, which))
     counts = torch.tensor(meta["cluster_counts"]) if meta.get("cluster_counts") else None
-    return Generator(net.to(device).eval(), cfg, counts)
+    return Generator(net.to(device).eval(), cfg, counts, obj)
 
 
 def draw_clusters(counts: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -50,24 +51,21 @@ def draw_clusters(counts: torch.Tensor, n: int, generator: torch.Generator | Non
 
 
 def sample(gen: Generator, clusters: torch.Tensor | None, n: int | None = None, *, w: float = 2.0,
-           steps: int = 50, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
+           steps: int = 50, sampler: str | None = None, seed: int = 0,
            layout: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
     """Samples as floats in [-1, 1], (n, C, H, W). ``clusters``: ids (n,), or None to draw them."""
     g = torch.Generator().manual_seed(seed)
     if gen.k and clusters is None:
         clusters = draw_clusters(gen.counts, n, g) if gen.counts is not None else torch.randint(gen.k, (n,), generator=g)
     n = len(clusters) if clusters is not None else n
-    m = gen.cfg.model
+    m = gen.cfg.uvit if gen.cfg.arch == "uvit" else gen.cfg.model
     x = torch.randn(n, m.in_channels, m.img_size, m.img_size, generator=g).to(gen.device)
     cond = {}
     if gen.k:
         cond["y"] = _one_hot(clusters, gen.k, gen.device)
         cond["layout"] = None if layout is None else layout.to(gen.device)
     denoise = CFG(gen.net, w, **cond) if gen.k else _uncond(gen.net)
-    abar = alphas_cumprod(linear_betas(gen.cfg.T, gen.cfg.beta_start, gen.cfg.beta_end))
-    ts = spaced_timesteps(gen.cfg.T, steps)
-    opts = {"eta": eta} if sampler == "ddim" else {}
-    return SAMPLERS[sampler](denoise, x, ts, alphas_cumprod=abar, progress=progress, **opts)
+    return run_sampler(gen.objective, sampler, denoise, x, steps, generator=g, progress=progress)
 
 
 def _one_hot(clusters: torch.Tensor, k: int, device) -> torch.Tensor:

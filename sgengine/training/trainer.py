@@ -19,17 +19,16 @@ from ..annotate.io import Annotations, load_annotations, save_annotations
 from ..annotate.pixels import pixel_features
 from ..config import TrainConfig, check_runnable, from_dict, to_dict
 from ..data import ImageData, load_data, report_skipped
-from ..diffusion.ddpm import EpsilonLoss
-from ..models.unet import UNet
 from ..sampling import Generator, cluster_grid, grid_clusters
 from ..viz import save_grid
 from .checkpoint import latest_checkpoint, load_meta, load_state, load_weights, save_checkpoint
 from .ema import ema_decay, ema_update
 from .logger import MetricsLogger
+from .objectives import build_network, make_objective
 
 # Fields that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"steps", "resume", "out", "log_every", "sample_every", "ckpt_every", "device",
-                     "keep_checkpoints", "grid_rows", "grid_cols", "sample_steps", "guidance_w"}
+                     "keep_checkpoints", "grid_rows", "grid_cols", "sample_steps", "guidance_w", "sampler"}
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -70,12 +69,17 @@ def _self_labels(cfg: TrainConfig, data: ImageData, path: Path, log) -> Annotati
 
 
 def resolve_model(cfg: TrainConfig, ann: Annotations | None, data: ImageData) -> TrainConfig:
-    """Fill in the model's K and layout channels from the annotations."""
-    if data.images.shape[1] != cfg.model.in_channels:
-        raise ValueError(f"data has {data.images.shape[1]} channels but the model expects "
-                         f"{cfg.model.in_channels}: pass --model.in_channels {data.images.shape[1]}")
+    """Fill in the network's condition size K (and layout channels) from the annotations."""
+    channels = cfg.uvit.in_channels if cfg.arch == "uvit" else cfg.model.in_channels
+    if data.images.shape[1] != channels:
+        raise ValueError(f"data has {data.images.shape[1]} channels but the model expects {channels}: "
+                         f"pass --{'uvit' if cfg.arch == 'uvit' else 'model'}.in_channels {data.images.shape[1]}")
     k = ann.k if ann is not None else 0
     lay = ann.layout.shape[1] if ann is not None and ann.layout is not None else 0
+    if cfg.arch == "uvit":
+        if lay:
+            raise ValueError("the U-ViT takes no spatial layout; train box/mask guidance with --arch unet")
+        return dataclasses.replace(cfg, uvit=dataclasses.replace(cfg.uvit, cond_dim=k or None))
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k, layout_channels=lay))
 
 
@@ -98,12 +102,13 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.net = UNet(cfg.model).to(self.device)
+        self.objective = make_objective(cfg)
+        self.net = self.objective.wrap(build_network(cfg)).to(self.device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
-        self.loss_fn = EpsilonLoss(cfg.T, cfg.beta_start, cfg.beta_end)
+        self.loss_fn = self.objective.loss
         self.step = 0
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.g_dev = torch.Generator(self.device).manual_seed(cfg.seed + 1)
@@ -231,12 +236,13 @@ class Trainer:
 
     def generator(self) -> Generator:
         counts = self.ann.counts() if self.ann is not None else None
-        return Generator(self.ema, self.cfg, counts)
+        return Generator(self.ema, self.cfg, counts, self.objective)
 
     def sample_grid(self) -> Path:
         cfg, gen = self.cfg, self.generator()
         rows = grid_clusters(gen, cfg.grid_rows) if gen.k else list(range(cfg.grid_rows))
-        imgs = cluster_grid(gen, rows, cfg.grid_cols, w=cfg.guidance_w, steps=cfg.sample_steps, seed=cfg.seed)
+        imgs = cluster_grid(gen, rows, cfg.grid_cols, w=cfg.guidance_w, steps=cfg.sample_steps,
+                            sampler=cfg.sampler or None, seed=cfg.seed)
         path = save_grid(imgs, len(rows), self.out / "samples" / f"step_{self.step:08d}.png", scale=2)
         save_grid(imgs, len(rows), self.out / "samples.png", scale=2)
         return path

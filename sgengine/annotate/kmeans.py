@@ -1,0 +1,321 @@
+"""k-means for self-labels (SPEC section 1: Euclidean k-means, 30 iterations, K up to ~10k).
+
+Lloyd's algorithm with these choices:
+
+* Assignment: :func:`sgengine.kernels.kmeans.kmeans_assign` per chunk of rows (on CUDA a fused
+  GEMM + running argmin that never writes N x K; on CPU the chunked PyTorch reference).
+  Data is assigned in its own dtype: pass bfloat16 features for the fast tensor-core path.
+* Update, deterministic: per chunk, ids are sorted (stable), rows gathered in that order as fp32,
+  and summed with ``torch.segment_reduce`` in two levels (pieces of at most 64 rows, then the
+  pieces of each cluster), which sums in a fixed order on every device; no float atomics, so the
+  same input gives the same centroids bit for bit, GPU included. Chunk sums are accumulated in
+  float64 in chunk order.
+* Init: k-means++ (D^2 sampling) on a random candidate sample of min(N, max(4096, 16 K)) rows.
+  All randomness comes from a CPU ``torch.Generator`` seeded with ``seed`` (uniforms are drawn
+  up front and D^2 sampling uses inverse-CDF ``searchsorted``, so there is no per-step host sync).
+* Empty clusters are re-seeded with the points farthest from their centroid (ties: lowest global
+  row), moving each out of its old cluster as scikit-learn does, so the objective never rises.
+* Multi-process: when ``torch.distributed`` is initialised each rank passes its own shard (rank
+  order = row order of the concatenated data). Gather-free: the init sample is drawn over global
+  row indices with the same generator on every rank, each rank fills the sample rows it owns and
+  one all_reduce(SUM) of the zero-padded buffer assembles it exactly (x + 0 = x); per-cluster sums
+  (float64) and counts are all-reduced; far points for re-seeding are merged from each rank's
+  top candidates. Centroids therefore equal single-process centroids on the concatenated data
+  up to float64 summation order (bitwise when shards align with chunks).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sgengine.kernels._backend import resolve_backend
+from sgengine.kernels.kmeans import kmeans_assign
+
+BACKENDS = ("auto", "triton", "torch", "faiss")
+_PIECE_ROWS = 64  # first-level segment length: bounds the serial work of one sum
+_INIT_ROWS_PER_CLUSTER = 16  # k-means++ candidate sample: max(4096, 16 K) rows
+_INIT_MIN_ROWS = 4096
+
+
+class _Group:
+    """The process group as k-means sees it: world size, rank, this rank's global row offset."""
+
+    def __init__(self, n_local: int, device: torch.device):
+        on = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size() if on else 1
+        self.rank = dist.get_rank() if on else 0
+        sizes = self.all_gather(torch.tensor([n_local], dtype=torch.int64, device=device))
+        self.offset = int(sizes[:self.rank].sum())
+        self.n_total = int(sizes.sum())
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shape tensors of all ranks along dim 0, in rank order."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+
+def _gather_rows(group: _Group, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` (global row indices) of the concatenated ``t``, on every rank.
+
+    Float rows come back as float32, integer rows as int64: each rank writes the rows it owns into
+    a zero buffer and a sum all-reduce assembles them exactly.
+    """
+    dtype = torch.float32 if t.is_floating_point() else torch.int64
+    local = idx - group.offset
+    own = (local >= 0) & (local < t.shape[0])
+    out = torch.zeros((idx.numel(),) + tuple(t.shape[1:]), dtype=dtype, device=t.device)
+    out[own] = t[local[own]].to(dtype)
+    return group.sum_(out)
+
+
+def _piece_lengths(counts: torch.Tensor):
+    """Split each cluster's run of sorted rows into pieces of <= _PIECE_ROWS rows.
+
+    Returns (lengths of all pieces in sorted order, number of pieces per cluster)."""
+    pieces = (counts + _PIECE_ROWS - 1) // _PIECE_ROWS
+    cluster = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), pieces)
+    first = torch.cumsum(pieces, 0) - pieces
+    j = torch.arange(cluster.numel(), device=counts.device) - first[cluster]
+    return (counts[cluster] - j * _PIECE_ROWS).clamp_(max=_PIECE_ROWS), pieces
+
+
+def _segment_sums(rows: torch.Tensor, ids: torch.Tensor, k: int):
+    """Per-cluster sums (k, d) float32 and counts (k,) int64, summed in a fixed order."""
+    counts = torch.bincount(ids, minlength=k)  # integer atomics: exact in any order
+    order = torch.argsort(ids, stable=True)
+    sorted_rows = rows.index_select(0, order).float()
+    lengths, pieces = _piece_lengths(counts)
+    # Two levels keep every serial sum short (<= 64 rows, then <= N / 64 pieces) and balanced.
+    partial = torch.segment_reduce(sorted_rows, "sum", lengths=lengths, axis=0, unsafe=True)
+    return torch.segment_reduce(partial, "sum", lengths=pieces, axis=0, unsafe=True), counts
+
+
+def _kmeanspp(sample: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """k-means++ on ``sample`` (m, d) fp32 with pre-drawn uniforms ``u`` (k,) float64 -> (k, d).
+
+    Step i picks row j with probability D(j)^2 / sum D^2 as the first j whose cumulative D^2
+    exceeds u[i] * sum D^2. If every candidate already coincides with a centroid the last row is
+    taken (a duplicate centroid, later re-seeded as an empty cluster)."""
+    m = sample.shape[0]
+    picks = torch.empty(len(u), dtype=torch.int64, device=sample.device)
+    picks[:1] = (u[:1] * m).long().clamp_(max=m - 1)
+    mind = (sample - sample.index_select(0, picks[:1])).square().sum(1)
+    for i in range(1, len(u)):
+        cdf = mind.double().cumsum(0)
+        j = torch.searchsorted(cdf, (u[i] * cdf[-1]).reshape(1), right=True).clamp_(max=m - 1)
+        picks[i:i + 1] = j
+        mind = torch.minimum(mind, (sample - sample.index_select(0, j)).square().sum(1))
+    return sample.index_select(0, picks)
+
+
+def _farthest(group: _Group, sq_dist: torch.Tensor, e: int) -> torch.Tensor:
+    """Global row indices (e,) of the e largest distances over all ranks; ties -> lowest row."""
+    vals, idx = torch.sort(sq_dist, descending=True, stable=True)
+    vals, idx = vals[:e], idx[:e] + group.offset
+    if group.world == 1:
+        return idx
+    pad = e - vals.numel()  # a short shard pads with -inf so every rank sends e candidates
+    vals = F.pad(vals, (0, pad), value=float("-inf"))
+    idx = F.pad(idx, (0, pad), value=-1)
+    vals, idx = group.all_gather(vals), group.all_gather(idx)
+    # Candidates arrive in rank order = global row order, so a stable sort keeps ties lowest-first.
+    return idx[torch.sort(vals, descending=True, stable=True).indices[:e]]
+
+
+def _check_data(x, d: int | None = None) -> torch.Tensor:
+    """Validate (N, d) float features; float64 becomes float32."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}: use torch.as_tensor(x)")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (N, d), got shape {tuple(x.shape)}: "
+                         "flatten features first, e.g. x.reshape(len(x), -1)")
+    if not x.is_floating_point():
+        raise TypeError(f"x must hold floats, got {x.dtype}: cast it, e.g. x.float()")
+    if d is not None and x.shape[1] != d:
+        raise ValueError(f"x has d={x.shape[1]} features but this KMeans was built with d={d}")
+    return x.float() if x.dtype == torch.float64 else x
+
+
+class KMeans:
+    """Lloyd k-means with k-means++ init, deterministic updates, chunking and multi-process.
+
+    Args:
+        d: feature size. k: number of clusters. niter: Lloyd iterations (SPEC: 30).
+        spherical: L2-normalise the data and the centroids (centroids come back unit norm).
+        seed: seeds the CPU generator behind the k-means++ init (same seed, same centroids).
+        backend: "auto" | "triton" | "torch" for the assignment kernel, or "faiss" (training
+            only, single process, needs ``pip install faiss-cpu``).
+        chunk_size: rows per assignment call / update step; None picks ~1 GB (CUDA) or ~256 MB
+            (CPU) of per-chunk temporaries (rows x K fp32 scores on the torch path, rows x d fp32).
+        verbose: show a tqdm progress bar with the objective (rank 0 only).
+
+    Attributes after :meth:`train`: ``centroids`` (k, d) float32 on the data's device;
+    ``objective``: mean squared distance at each iteration's assignment step (non-increasing).
+    """
+
+    def __init__(self, d: int, k: int, niter: int = 30, spherical: bool = False, seed: int = 0,
+                 backend: str = "auto", chunk_size: int | None = None, verbose: bool = False):
+        if d < 1 or k < 1 or niter < 0:
+            raise ValueError(f"need d >= 1, k >= 1, niter >= 0; got d={d}, k={k}, niter={niter}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
+        self.d, self.k, self.niter, self.spherical, self.seed = d, k, niter, spherical, seed
+        self.backend, self.chunk_size, self.verbose = backend, chunk_size, verbose
+        self.centroids: torch.Tensor | None = None
+        self.objective: list[float] = []
+
+    # -- public API -------------------------------------------------------------------------
+    def train(self, x: torch.Tensor) -> "KMeans":
+        """Fit on x (N, d) float (this rank's shard under torch.distributed); returns self."""
+        x = self._prepare(x)
+        group = _Group(x.shape[0], x.device)
+        self._check_trainable(x, group)
+        if self.backend == "faiss":
+            return self._train_faiss(x, group)
+        self.centroids = self._init(x, group)
+        objective = []
+        bar = tqdm(range(self.niter), desc=f"k-means K={self.k}",
+                   disable=not self.verbose or group.rank != 0)
+        for _ in bar:
+            objective.append(self._lloyd(x, group))
+            if self.verbose:
+                bar.set_postfix(objective=f"{objective[-1].item():.5g}")
+        self.objective = torch.stack(objective).tolist() if objective else []
+        return self
+
+    def assign(self, x: torch.Tensor):
+        """Nearest centroid ids (N,) int64 and squared distances (N,) float32 of x (N, d)."""
+        if self.centroids is None:
+            raise RuntimeError("KMeans.assign before train: call km.train(x) first")
+        return self._assign_chunks(self._prepare(x))
+
+    def lloyd_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One Lloyd iteration (assign, update, re-seed) on x prepared as in training
+        (already L2-normalised when spherical); returns the mean squared distance (0-d)."""
+        if self.centroids is None:
+            raise RuntimeError("KMeans.lloyd_step before train: call km.train(x) first")
+        return self._lloyd(x, _Group(x.shape[0], x.device))
+
+    # -- steps ------------------------------------------------------------------------------
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_data(x, self.d)
+        return F.normalize(x.float(), dim=1).to(x.dtype) if self.spherical else x
+
+    def _check_trainable(self, x: torch.Tensor, group: _Group) -> None:
+        if group.n_total == 0 or x.shape[0] == 0:
+            raise ValueError("x is empty (N=0): k-means needs at least k rows "
+                             "(and at least one row on every rank)")
+        if self.k > group.n_total:
+            raise ValueError(f"cannot make K={self.k} clusters from N={group.n_total} points: lower k")
+        # Every rank raises together, or the others would hang in the next collective.
+        bad = group.max_((~torch.isfinite(x)).any().to(torch.int64).reshape(1))
+        if bool(bad):
+            raise ValueError("x contains NaN or Inf features: drop or impute those rows first, "
+                             "e.g. x = x[torch.isfinite(x).all(dim=1)]")
+
+    def _init(self, x: torch.Tensor, group: _Group) -> torch.Tensor:
+        """k-means++ on a seeded candidate sample drawn over global rows (same on all ranks)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        m = min(group.n_total, max(_INIT_MIN_ROWS, _INIT_ROWS_PER_CLUSTER * self.k))
+        rows = torch.randperm(group.n_total, generator=gen)[:m].to(x.device)
+        u = torch.rand(self.k, generator=gen, dtype=torch.float64).to(x.device)
+        return _kmeanspp(_gather_rows(group, x, rows), u)
+
+    def _lloyd(self, x: torch.Tensor, group: _Group) -> torch.Tensor:
+        ids, sq_dist = self._assign_chunks(x)
+        sums, counts = self._cluster_sums(x, ids, group)
+        objective = group.sum_(sq_dist.double().sum().reshape(1))[0] / group.n_total
+        self._reseed_empty(x, ids, sq_dist, sums, counts, group)
+        self.centroids = self._new_centroids(sums, counts)
+        return objective
+
+    def _chunk_rows(self, x: torch.Tensor) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        torch_path = resolve_backend(self._assign_backend(), x) == "torch"
+        bytes_per_row = 4 * (self.d + (self.k if torch_path else 0))
+        return max(1, (1 << 30 if x.is_cuda else 1 << 28) // bytes_per_row)
+
+    def _assign_backend(self) -> str:
+        return "auto" if self.backend == "faiss" else self.backend
+
+    def _assign_chunks(self, x: torch.Tensor):
+        step, c, backend = self._chunk_rows(x), self.centroids, self._assign_backend()
+        if x.shape[0] <= step:
+            return kmeans_assign(x, c, backend=backend)
+        parts = [kmeans_assign(x[i:i + step], c, backend=backend) for i in range(0, x.shape[0], step)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _cluster_sums(self, x: torch.Tensor, ids: torch.Tensor, group: _Group):
+        """All-reduced per-cluster sums (k, d) float64 and counts (k,) int64."""
+        sums = torch.zeros(self.k, self.d, dtype=torch.float64, device=x.device)
+        counts = torch.zeros(self.k, dtype=torch.int64, device=x.device)
+        step = self._chunk_rows(x)
+        for i in range(0, x.shape[0], step):
+            s, n = _segment_sums(x[i:i + step], ids[i:i + step], self.k)
+            sums += s
+            counts += n
+        return group.sum_(sums), group.sum_(counts)
+
+    def _reseed_empty(self, x, ids, sq_dist, sums, counts, group: _Group) -> None:
+        """Give each empty cluster one of the farthest points, taking it out of its old cluster."""
+        empty = (counts == 0).nonzero().flatten()
+        if empty.numel() == 0:
+            return
+        far = _farthest(group, sq_dist, empty.numel())
+        points = _gather_rows(group, x, far)
+        old = _gather_rows(group, ids, far)
+        moved, moved_n = _segment_sums(points, old, self.k)
+        sums -= moved.double()
+        counts -= moved_n
+        sums[empty] = points.double()
+        counts[empty] = 1
+
+    def _new_centroids(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Cluster means; a cluster left without points keeps its centroid."""
+        mean = (sums / counts.clamp(min=1).unsqueeze(1)).float()
+        new = torch.where((counts > 0).unsqueeze(1), mean, self.centroids)
+        if not self.spherical:
+            return new
+        norm = new.norm(dim=1, keepdim=True)
+        # A mean of unit vectors can vanish (antipodal members): keep the old unit centroid then.
+        return torch.where(norm > 1e-12, new / norm.clamp_min(1e-12), self.centroids)
+
+    def _train_faiss(self, x: torch.Tensor, group: _Group) -> "KMeans":
+        if group.world > 1:
+            raise ValueError("backend='faiss' is single-process: use backend='auto' under torch.distributed")
+        try:
+            import faiss
+        except ImportError as err:
+            raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu "
+                              "(or use backend='auto')") from err
+        km = faiss.Kmeans(self.d, self.k, niter=self.niter, spherical=self.spherical, seed=self.seed,
+                          verbose=self.verbose, gpu=x.is_cuda and hasattr(faiss, "StandardGpuResources"))
+        km.train(x.detach().float().cpu().numpy())
+        self.centroids = torch.from_numpy(km.centroids).to(x.device)
+        self.objective = [float(o) / x.shape[0] for o in km.obj]
+        return self
+
+
+def kmeans(x: torch.Tensor, k: int, **kw):
+    """Train :class:`KMeans` on x (N, d); returns (centroids (k, d) float32, ids (N,) int64)."""
+    x = _check_data(x)
+    km = KMeans(x.shape[1], k, **kw).train(x)
+    return km.centroids, km.assign(x)[0]
