@@ -71,6 +71,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # Evaluation during training: Frechet distance of EMA samples, best checkpoint kept.
+    eval_every: int = 0  # 0: off
+    eval_ref: str = ""  # reference: folder, .npz of images, or cached stats .npz
+    eval_n: int = 2000  # samples per evaluation
+    eval_features: str = ""  # feature network: '' = Inception (local weights), or a classifier file
     # Scale-out and throughput.
     deepspeed: bool = False  # train through DeepSpeed (pip install sgengine[deepspeed])
     zero_stage: int = 0  # ZeRO stage 0-3 with --deepspeed

@@ -28,7 +28,8 @@ from .objectives import build_network, make_objective
 
 # Fields that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"steps", "resume", "out", "log_every", "sample_every", "ckpt_every", "device",
-                     "keep_checkpoints", "grid_rows", "grid_cols", "sample_steps", "guidance_w", "sampler"}
+                     "keep_checkpoints", "grid_rows", "grid_cols", "sample_steps", "guidance_w", "sampler",
+                     "eval_every", "eval_n", "compile", "channels_last"}
 
 
 class NonFiniteLoss(FloatingPointError):

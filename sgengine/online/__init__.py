@@ -1,0 +1,1 @@
+"""Online self-guidance: prototypes clustered from the model's own features during training."""
