@@ -126,6 +126,27 @@ PRESETS: dict[str, TrainConfig] = {
     # Table 10: 64x64 self-boxed / self-segmented guidance, batch 80, lr 1e-4.
     "box64": _paper("box64", out="runs/box64", lr=1e-4, batch_size=80, steps=500_000),
     "seg64": _paper("seg64", out="runs/seg64", lr=1e-4, batch_size=80, steps=500_000),
+    # Online self-guidance (SPEC section 2): U-ViT + flow matching, prototypes from its own features.
+    # Tiny: 8x8 digits on the CPU; a wider window (0.6, 0.9) so small batches hold in-window samples.
+    "uvit-tiny-online": TrainConfig(preset="uvit-tiny-online", out="runs/uvit-tiny-online", arch="uvit",
+                                    objective="flow", condition="none", model=UNET_PRESETS["tiny"],
+                                    uvit=UVIT_PRESETS["uvit-tiny"], steps=40, batch_size=64, warmup=5,
+                                    online=OnlineConfig(enabled=True, prototypes=10, head_hidden=128,
+                                                        t_low=0.6, t_high=0.9),
+                                    log_every=5, ckpt_every=20, sample_steps=5, guidance_w=1.4,
+                                    grid_rows=4, grid_cols=2),
+    # U-ViT-S/2 on 32x32x3 images, U-ViT-M/2 on 32x32x4 latents (--data ARRAY); paper Table 4 (ImageNet100:
+    # K=300, batch 512, lr 5e-5, no weight decay, 5K warm-up, 40K iterations); g=0.4 is w=1.4.
+    "uvit-s-online": TrainConfig(preset="uvit-s-online", out="runs/uvit-s-online", arch="uvit", objective="flow",
+                                 condition="none", model=UNET_PRESETS["in32"], uvit=UVIT_PRESETS["uvit-s"],
+                                 online=OnlineConfig(enabled=True, prototypes=300), lr=5e-5, weight_decay=0.0,
+                                 batch_size=512, steps=40_000, warmup=5000, ckpt_every=5000, sample_every=5000,
+                                 guidance_w=1.4, hflip=True),
+    "uvit-m-online": TrainConfig(preset="uvit-m-online", out="runs/uvit-m-online", arch="uvit", objective="flow",
+                                 condition="none", model=dataclasses.replace(UNET_PRESETS["in32"], in_channels=4),
+                                 uvit=UVIT_PRESETS["uvit-m"], online=OnlineConfig(enabled=True, prototypes=300),
+                                 lr=5e-5, weight_decay=0.0, batch_size=512, steps=40_000, warmup=5000,
+                                 ckpt_every=5000, sample_every=5000, guidance_w=1.4),
 }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .data import to_uint8
+from .guidance.attach import list_attention_layers
 from .sampling import grid_clusters, load_generator, sample
 from .viz import save_grid
 
@@ -30,7 +31,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="samples.png", help="PNG grid; the raw samples go to the same name .npz")
+    g = p.add_argument_group("self-attention guidance (Hong et al.; SPEC section 4)")
+    g.add_argument("--sag-scale", type=float, default=0.0, help="SAG scale s (0 = off; ~0.1-1.0)")
+    g.add_argument("--sag-layer", default=None, help="attention layer to read (default: mid-block); see --list-layers")
+    g.add_argument("--sag-threshold", type=float, default=1.0, help="mask = attention mass > threshold")
+    g.add_argument("--sag-blur", type=_pair(int, float), default=(9, 1.0), metavar="K,SIGMA",
+                   help="Gaussian blur kernel size (odd) and sigma, e.g. 9,1.0")
+    g.add_argument("--sag-window", type=_pair(float, float), default=None, metavar="LO,HI",
+                   help="apply SAG only for LO <= t <= HI in the sampler's time (timestep / sigma / flow t)")
+    g.add_argument("--list-layers", action="store_true", help="print the checkpoint's attention layers and exit")
     return p
+
+
+def _pair(first, second):
+    """argparse type for 'A,B' -> (first(A), second(B))."""
+    def parse(text: str):
+        parts = text.split(",")
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"expected two comma-separated values like 9,1.0, got {text!r}")
+        try:
+            return first(parts[0]), second(parts[1])
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    return parse
 
 
 def _rows(gen, args) -> tuple[torch.Tensor | None, int]:
@@ -47,10 +70,15 @@ def main(argv=None) -> int:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     try:
         gen = load_generator(args.ckpt, device)
+        if args.list_layers:
+            print("\n".join(list_attention_layers(gen.net)))
+            return 0
         ids, rows = _rows(gen, args)
         x = sample(gen, ids, args.n if ids is None else len(ids), w=args.w, steps=args.steps,
-                   sampler=args.sampler, seed=args.seed, progress=True)
-    except (FileNotFoundError, ValueError) as err:
+                   sampler=args.sampler, seed=args.seed, progress=True, sag_scale=args.sag_scale,
+                   sag_layer=args.sag_layer, sag_threshold=args.sag_threshold, sag_blur=args.sag_blur,
+                   sag_window=args.sag_window)
+    except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     imgs = to_uint8(x.cpu())

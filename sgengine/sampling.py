@@ -8,7 +8,10 @@ import torch
 
 from .config import TrainConfig, from_dict
 from .data import to_uint8
+from .guidance.attach import list_attention_layers
 from .guidance.cfg import CFG
+from .guidance.param import parameterization_for
+from .guidance.sag import SAG
 from .training.checkpoint import load_meta, load_weights, resolve_checkpoint
 from .training.objectives import Objective, build_network, make_objective, run_sampler
 
@@ -52,8 +55,15 @@ def draw_clusters(counts: torch.Tensor, n: int, generator: torch.Generator | Non
 
 def sample(gen: Generator, clusters: torch.Tensor | None, n: int | None = None, *, w: float = 2.0,
            steps: int = 50, sampler: str | None = None, seed: int = 0,
-           layout: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-    """Samples as floats in [-1, 1], (n, C, H, W). ``clusters``: ids (n,), or None to draw them."""
+           layout: torch.Tensor | None = None, progress: bool = False, sag_scale: float = 0.0,
+           sag_layer: str | None = None, sag_threshold: float = 1.0, sag_blur=(9, 1.0),
+           sag_window=None) -> torch.Tensor:
+    """Samples as floats in [-1, 1], (n, C, H, W). ``clusters``: ids (n,), or None to draw them.
+
+    ``sag_scale`` > 0 adds self-attention guidance (``sgengine.guidance.sag.SAG``) on top of CFG,
+    reading ``sag_layer`` (default: the mid-block attention; see ``list_attention_layers``);
+    ``sag_window`` = (t_lo, t_hi) in the sampler's time restricts it to those steps.
+    """
     g = torch.Generator().manual_seed(seed)
     if gen.k and clusters is None:
         clusters = draw_clusters(gen.counts, n, g) if gen.counts is not None else torch.randint(gen.k, (n,), generator=g)
@@ -64,8 +74,22 @@ def sample(gen: Generator, clusters: torch.Tensor | None, n: int | None = None, 
     if gen.k:
         cond["y"] = _one_hot(clusters, gen.k, gen.device)
         cond["layout"] = None if layout is None else layout.to(gen.device)
+    if sag_scale:
+        param = parameterization_for(gen.cfg.objective, gen.cfg)
+        with SAG(gen.net, param, sag_layer or default_sag_layer(gen.net), sag_scale, sag_threshold,
+                 sag_blur, sag_window, w=w if gen.k else None, **cond) as denoise:
+            return run_sampler(gen.objective, sampler, denoise, x, steps, generator=g, progress=progress)
     denoise = CFG(gen.net, w, **cond) if gen.k else _uncond(gen.net)
     return run_sampler(gen.objective, sampler, denoise, x, steps, generator=g, progress=progress)
+
+
+def default_sag_layer(net) -> str:
+    """The mid-block self-attention (the UNet's 'mid.1.attn', the U-ViT's 'mid_block.attn')."""
+    layers = list_attention_layers(net)
+    mid = [name for name in layers if name.startswith("mid")]
+    if not mid:
+        raise ValueError(f"no mid-block attention layer to guide with: pass sag_layer, one of {layers}")
+    return mid[0]
 
 
 def _one_hot(clusters: torch.Tensor, k: int, device) -> torch.Tensor:

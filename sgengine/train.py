@@ -11,17 +11,27 @@ from .config import parse_args
 from .training.trainer import NonFiniteLoss, Trainer
 
 
+def _trainer_class(cfg):
+    """OnlineTrainer for online self-guidance (SPEC section 2), else the base trainer."""
+    if cfg.online.enabled:
+        from .online.trainer import OnlineTrainer
+        return OnlineTrainer
+    return Trainer
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
-        trainer = Trainer(cfg)
+        trainer = _trainer_class(cfg)(cfg)
         out = trainer.run()
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not trainer.dist.main:
+        return 0
     print(f"done: {trainer.step} steps in {cfg.out}")
     for name, path in out.items():
         print(f"  {name:12s} {path}")

@@ -7,7 +7,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Respect OMP_NUM_THREADS (set it to 1 on a shared, oversubscribed machine); else 2 cores.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

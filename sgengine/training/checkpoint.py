@@ -27,8 +27,12 @@ def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model, ema, state: dict, meta: dict,
-                    keep: int = 2) -> Path:
-    """Write ``root/ckpt/step_<step>``; returns its path. ``state`` goes to state.pt."""
+                    keep: int = 2, extra=None) -> Path:
+    """Write ``root/ckpt/step_<step>``; returns its path. ``state`` goes to state.pt.
+
+    ``extra(folder)`` writes further files (DeepSpeed shards, online prototypes) into the
+    temporary folder, so they become visible in the same atomic rename as the weights.
+    """
     ckdir = Path(root) / "ckpt"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step_{step:08d}"
@@ -38,7 +42,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, ema, state: dict,
     save_file(_state_dict(model), str(tmp / "model.safetensors"))
     save_file(_state_dict(ema), str(tmp / "ema.safetensors"))
     torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if extra is not None:
+        extra(tmp)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _atomic_text(ckdir / "latest", final.name)

@@ -1,0 +1,156 @@
+"""``python -m sgengine.annotate``: write the annotation file that ``sgengine.train`` reads.
+
+    python -m sgengine.annotate --data digits --size 16 --method labels --extractor pixels --k 10 \\
+        --out runs/ann/digits.safetensors --inspect runs/ann/digits.png
+    python -m sgengine.train --condition annotations --annotations runs/ann/digits.safetensors ...
+
+Methods (SPEC section 1 and 3): labels (L2-normalised global features + k-means), temi (TEMI
+clusters), boxes (self-labels + LOST box mask), segments (STEGO-style segment masks + multi-hot).
+Extractors: pixels, pca, any timm ViT name (--weights FILE for a local checkpoint, --img-size for
+its input size), diffusion:<run_dir> (--layer, --t). Features are cached (--cache).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data import ImageData, load_data, report_skipped
+from ..eval.cluster import cluster_report, format_report
+from .io import Annotations, save_annotations
+
+METHODS = ("labels", "temi", "boxes", "segments")
+NEEDS = {"labels": ("cls",), "temi": ("cls",), "boxes": ("cls", "keys"), "segments": ("cls", "patches")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sgengine.annotate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="'digits', an image folder, or an .npz/.npy file")
+    p.add_argument("--method", choices=METHODS, default="labels")
+    p.add_argument("--extractor", default="pixels",
+                   help="pixels | pca | <timm ViT name, e.g. vit_small_patch16_224.dino> | diffusion:<run_dir>")
+    p.add_argument("--weights", help="local ViT weights (.pth / .safetensors; timm or DINO layout); "
+                                     "without it the hub's pretrained weights are fetched (online only)")
+    p.add_argument("--img-size", type=int, help="ViT input size (default: the model's own, e.g. 224)")
+    p.add_argument("--layer", default="mid", help="diffusion block: index, 'mid' or module name")
+    p.add_argument("--t", type=float, help="diffusion noise level (ddpm timestep, flow time, edm sigma)")
+    p.add_argument("--pca-dim", type=int, default=64, help="dimensions for --extractor pca")
+    p.add_argument("--patch", type=int, default=4, help="pixel patch size of the pixels / pca extractor")
+    p.add_argument("--k", type=int, required=True, help="number of clusters / segments")
+    p.add_argument("--size", type=int, default=32, help="training resolution (layouts are stored at it)")
+    p.add_argument("--channels", type=int, default=3, help="image channels when reading a folder")
+    p.add_argument("--out", required=True, help="annotation file to write (.safetensors)")
+    p.add_argument("--inspect", help="also write a PNG of example images per cluster (rows = clusters)")
+    p.add_argument("--labels-metrics", action="store_true",
+                   help="require labels in the data (NMI / ARI / accuracy are printed whenever labels exist)")
+    p.add_argument("--epochs", type=int, default=100, help="TEMI epochs")
+    p.add_argument("--temi-heads", type=int, default=16, help="TEMI heads (the best one is used)")
+    p.add_argument("--temi-lr", type=float, default=5e-4, help="TEMI learning rate per 256 samples")
+    p.add_argument("--temi-momentum", type=float, default=0.996,
+                   help="TEMI teacher EMA start (paper: 0.996 for ~20k steps; small data sets with a few "
+                        "hundred steps in all do better with ~0.95 and --temi-lr 1e-2)")
+    p.add_argument("--steps", type=int, default=2000, help="STEGO head training steps")
+    p.add_argument("--lost-k", type=int, default=100, help="LOST expansion set size")
+    p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch size")
+    p.add_argument("--cache", default="auto", help="feature cache folder ('auto': next to --out; 'none': off)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _cache_dir(args) -> Path | None:
+    if args.cache == "none":
+        return None
+    return Path(args.out).parent / "feature-cache" if args.cache == "auto" else Path(args.cache)
+
+
+def features_for(args, data: ImageData, device: torch.device) -> tuple[dict, dict]:
+    """(features dict, the extractor's settings) for the method's needs."""
+    from .features import extract, make_extractor
+
+    ext = make_extractor(args.extractor, args.weights, args.img_size, args.layer, args.t,
+                         args.pca_dim, args.patch, device)
+    missing = set(NEEDS[args.method]) - set(_provides(ext))
+    if missing:
+        raise ValueError(f"--method {args.method} needs {sorted(missing)} features, which --extractor "
+                         f"{args.extractor} does not give; LOST boxes need a ViT or the pixels extractor")
+    feats = extract(ext, data.images, args.batch_size, device, not args.quiet, _cache_dir(args),
+                    data.names or None, NEEDS[args.method])
+    return feats, ext.settings
+
+
+def _provides(ext) -> tuple[str, ...]:
+    from .features import DiffusionExtractor
+
+    return ("cls", "patches") if isinstance(ext, DiffusionExtractor) else ("cls", "patches", "keys")
+
+
+def make_annotations(args, feats: dict, settings: dict, device: torch.device) -> Annotations:
+    """Dispatch to the method; every method records its own settings in the file."""
+    progress = not args.quiet
+    if args.method == "labels":
+        from .labels import label_annotations
+        return label_annotations(feats["cls"], args.k, settings, niter=30, seed=args.seed)
+    if args.method == "temi":
+        from .temi import TEMIConfig, temi_annotations
+        cfg = TEMIConfig(heads=args.temi_heads, lr=args.temi_lr, momentum=args.temi_momentum, seed=args.seed)
+        return temi_annotations(feats["cls"], args.k, settings, args.epochs, cfg, device, progress)
+    grid = tuple(feats["grid"].tolist())
+    if args.method == "boxes":
+        from .lost import box_annotations
+        return box_annotations(feats["cls"], feats["keys"], grid, args.size, args.k, settings,
+                               args.lost_k, args.seed, device, progress)
+    from .stego import StegoConfig, segment_annotations
+    return segment_annotations(feats["patches"], feats["cls"], grid, args.k, args.size, settings,
+                               StegoConfig(steps=args.steps, seed=args.seed), device, progress)
+
+
+def _check(args, data: ImageData) -> None:
+    if args.k < 1 or args.k > len(data):
+        raise ValueError(f"--k must be in [1, {len(data)}] (the number of images), got {args.k}")
+    if args.labels_metrics and data.labels is None:
+        raise ValueError(f"--labels-metrics: {args.data} has no labels (class sub-folders or 'y' in the .npz)")
+
+
+def run(args) -> tuple[Annotations, dict]:
+    device = _device(args.device)
+    data = load_data(args.data, args.size, args.channels, progress=not args.quiet)
+    report_skipped(data)
+    _check(args, data)
+    feats, ext_settings = features_for(args, data, device)
+    settings = {"method": args.method, "features": ext_settings, "data": args.data, "n": len(data),
+                "size": args.size, "seed": args.seed}
+    ann = make_annotations(args, feats, settings, device)
+    report = cluster_report(ann.ids, ann.k, data.labels)
+    ann.settings["report"] = report
+    save_annotations(args.out, ann)
+    if args.inspect:
+        from .inspect import render_annotations
+        print(f"inspection grid -> {render_annotations(data.images, ann, args.inspect)}")
+    return ann, report
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ann, report = run(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    lay = "" if ann.layout is None else f", layout {tuple(ann.layout.shape[1:])}"
+    print(f"{args.method}: {len(ann)} images, K={ann.k}{lay}: {format_report(report)}")
+    print(f"wrote {args.out}; train on it with: python -m sgengine.train --condition annotations "
+          f"--annotations {args.out} --data {args.data}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""TEMI clustering (Adaloglou et al. 2023, BMVC) and the cluster-count upper bound of C-EDM (SPEC section 3).
+
+TEMI trains H heads on frozen features with pairs (x, x') where x' is a random one of x's k cosine
+nearest neighbours. A student and an EMA teacher share the head architecture (MLP d -> 512 -> 256,
+L2-normalise, weight-normalised linear 256 -> C without bias). With student / teacher
+probabilities q_s, q_t (softmax of logits / 0.1) and the cluster prior p_k (an EMA, momentum 0.9, of
+the batch-mean teacher probabilities), the loss of a pair is (TEMI eq. 6 / C-EDM eq. 1)
+
+    L(x, x') = - w(x, x') log sum_k (q_s(x)_k q_t(x')_k)^beta / p_k,   beta = 0.6,
+    w(x, x') = sum_k q_t(x)_k q_t(x')_k   (no gradient; averaged over heads as in the authors' code),
+
+symmetrised over (x, x') and averaged over the batch; the heads are independent and the one with
+the lowest loss gives the clusters (the argmax of its teacher). The teacher momentum rises from
+0.996 to 1 on a cosine schedule. Optimiser as in the authors' code: AdamW, lr 5e-4 per 256 samples,
+linear warm-up then cosine decay, weight decay 1e-4, last layer frozen for the first epoch.
+
+The upper bound (C-EDM section 3.3): utilisation C_u / C (C_u = clusters with at least one image)
+for C doubling from ``c_start`` until it falls below ``threshold``, then a binary search between the
+last good and the first bad C; the bound is the largest C tried whose utilisation stays at or
+above the threshold (monotone utilisation assumed, as with the elbow method).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..eval.cluster import balance
+from .io import Annotations
+
+
+@dataclass(frozen=True)
+class TEMIConfig:
+    heads: int = 16
+    hidden: int = 512
+    bottleneck: int = 256
+    temperature: float = 0.1
+    beta: float = 0.6
+    momentum: float = 0.996  # teacher EMA, rising to 1 on a cosine schedule
+    prior_momentum: float = 0.9
+    knn: int = 50
+    batch_size: int = 256
+    lr: float = 5e-4  # per 256 samples (linear scaling)
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 10  # capped at a tenth of the run
+    freeze_last_layer_epochs: int = 1
+    seed: int = 0
+
+
+def cosine_knn(features: torch.Tensor, k: int = 50, batch_size: int = 1024, progress: bool = False) -> torch.Tensor:
+    """Indices (N, k) of each row's k nearest other rows by cosine similarity, in batches of rows."""
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError(f"k-NN needs at least 2 feature rows, got {n}")
+    k = min(k, n - 1)
+    x = F.normalize(features.float(), dim=1)
+    out = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    for i in tqdm(range(0, n, batch_size), desc="k-NN", disable=not progress):
+        sim = x[i:i + batch_size] @ x.T
+        rows = torch.arange(sim.shape[0], device=x.device)
+        sim[rows, rows + i] = -float("inf")  # never one's own neighbour, even among duplicates
+        out[i:i + batch_size] = sim.topk(k, dim=1).indices
+    return out
+
+
+class TEMIHeads(nn.Module):
+    """H independent heads evaluated as batched matmuls: x (B, d) -> logits (H, B, C)."""
+
+    def __init__(self, d: int, clusters: int, heads: int = 16, hidden: int = 512, bottleneck: int = 256):
+        super().__init__()
+        self.w1 = nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, d, hidden), std=0.02))
+        self.b1 = nn.Parameter(torch.zeros(heads, 1, hidden))
+        self.w2 = nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, hidden, bottleneck), std=0.02))
+        self.b2 = nn.Parameter(torch.zeros(heads, 1, bottleneck))
+        bound = 1 / math.sqrt(bottleneck)  # nn.Linear's default init of the last layer's direction
+        self.v = nn.Parameter(torch.empty(heads, clusters, bottleneck).uniform_(-bound, bound))
+        self.g = nn.Parameter(torch.ones(heads, clusters, 1))  # weight-norm gain, starts at 1 (DINO head)
+
+    def last_layer(self) -> list[nn.Parameter]:
+        return [self.v, self.g]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(torch.baddbmm(self.b1, x.expand(self.w1.shape[0], -1, -1), self.w1))
+        z = F.normalize(torch.baddbmm(self.b2, h, self.w2), dim=-1)
+        w = self.g * F.normalize(self.v, dim=-1)  # weight norm: w = g v / ||v|| (Salimans & Kingma 2016)
+        return torch.bmm(z, w.transpose(1, 2))
+
+
+def temi_loss(s1, s2, t1, t2, prior: torch.Tensor, cfg: TEMIConfig):
+    """Per-head TEMI loss (H,) of student / teacher logits (H, B, C) of a batch of pairs, and the
+    updated prior (H, C). Computed in log space: log sum_k exp(beta (log q_s + log q_t) - log p_k)."""
+    tau = cfg.temperature
+    with torch.no_grad():
+        lt1, lt2 = F.log_softmax(t1 / tau, -1), F.log_softmax(t2 / tau, -1)
+        batch = torch.cat([lt1, lt2], dim=1).exp().mean(1)
+        prior = cfg.prior_momentum * prior + (1 - cfg.prior_momentum) * batch
+        w = (lt1 + lt2).exp().sum(-1).mean(0)  # (B,): teacher agreement of the pair, mean over heads
+        log_prior = prior.log()[:, None]
+
+    def pmi(s, lt):
+        return -torch.logsumexp(cfg.beta * (F.log_softmax(s / tau, -1) + lt) - log_prior, dim=-1)
+
+    loss = 0.5 * (w * pmi(s1, lt2)).mean(-1) + 0.5 * (w * pmi(s2, lt1)).mean(-1)
+    return loss, prior
+
+
+def _schedules(cfg: TEMIConfig, it: int, total: int, per_epoch: int, batch: int) -> tuple[float, float]:
+    """(learning rate, teacher momentum) at step ``it``: linear warm-up + cosine, cosine momentum."""
+    warm = min(cfg.warmup_epochs, total // per_epoch // 10) * per_epoch
+    base = cfg.lr * batch / 256
+    if it < warm:
+        lr = base * (it + 1) / warm
+    else:
+        lr = cfg.min_lr + (base - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * (it - warm) / max(total - warm, 1)))
+    momentum = 1 - (1 - cfg.momentum) * 0.5 * (1 + math.cos(math.pi * it / total))
+    return lr, momentum
+
+
+@torch.no_grad()
+def _ema(teacher: nn.Module, student: nn.Module, m: float) -> None:
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+
+
+@torch.no_grad()
+def assign(heads: TEMIHeads, x: torch.Tensor, head: int, batch_size: int = 4096) -> torch.Tensor:
+    """Cluster ids (N,) of L2-normalised features x from one head (argmax of its logits)."""
+    return torch.cat([heads(x[i:i + batch_size])[head].argmax(-1) for i in range(0, len(x), batch_size)])
+
+
+class _Trainer:
+    """One TEMI run: state and the step; ``temi_cluster`` is the entry point."""
+
+    def __init__(self, x: torch.Tensor, clusters: int, nbrs: torch.Tensor, cfg: TEMIConfig):
+        self.x, self.nbrs, self.cfg = x, nbrs, cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.student = TEMIHeads(x.shape[1], clusters, cfg.heads, cfg.hidden, cfg.bottleneck).to(x.device)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.prior = torch.full((cfg.heads, clusters), 1 / clusters, device=x.device)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def pairs(self, idx: torch.Tensor) -> torch.Tensor:
+        pick = torch.randint(self.nbrs.shape[1], (len(idx),), generator=self.gen).to(idx.device)
+        return self.nbrs[idx, pick]
+
+    def step(self, idx: torch.Tensor, lr: float, momentum: float, freeze_last: bool) -> torch.Tensor:
+        x1, x2 = self.x[idx], self.x[self.pairs(idx)]
+        with torch.no_grad():
+            t1, t2 = self.teacher(x1), self.teacher(x2)
+        head_loss, self.prior = temi_loss(self.student(x1), self.student(x2), t1, t2, self.prior, self.cfg)
+        self.opt.zero_grad(set_to_none=True)
+        head_loss.sum().backward()  # heads are independent: the sum trains each on its own loss
+        if freeze_last:
+            for p in self.student.last_layer():
+                p.grad = None
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        _ema(self.teacher, self.student, momentum)
+        return head_loss.detach()
+
+    def fit(self, epochs: int, progress: bool) -> list[torch.Tensor]:
+        """Train; returns the mean loss per head (H,) of every epoch."""
+        n, batch = len(self.x), min(self.cfg.batch_size, len(self.x))
+        per_epoch, history = math.ceil(n / batch), []
+        bar = tqdm(range(epochs), desc=f"TEMI C={self.prior.shape[1]}", disable=not progress)
+        for epoch in bar:
+            perm, total = torch.randperm(n, generator=self.gen).to(self.x.device), 0
+            for j in range(per_epoch):
+                lr, m = _schedules(self.cfg, epoch * per_epoch + j, epochs * per_epoch, per_epoch, batch)
+                freeze = epoch < self.cfg.freeze_last_layer_epochs
+                total = total + self.step(perm[j * batch:(j + 1) * batch], lr, m, freeze)
+            history.append((total / per_epoch).cpu())
+            bar.set_postfix(loss=f"{float(history[-1].min()):.4f}")
+        return history
+
+
+def _device(device, like: torch.Tensor) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else like.device))
+
+
+def temi_cluster(features: torch.Tensor, clusters: int, epochs: int = 100, cfg: TEMIConfig = TEMIConfig(),
+                 knn: torch.Tensor | None = None, device=None, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """TEMI on (N, d) features into ``clusters`` clusters -> (ids (N,) int64 CPU, info).
+
+    info: 'head' (the best head), 'head_loss' (last-epoch mean loss per head), 'loss' (best head's
+    mean loss per epoch), 'used' / 'utilisation' / 'kl_uniform'. knn: precomputed (N, k) neighbour
+    indices (re-used across runs by the bound search). device: default CUDA when available."""
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf; check the extractor or the input images")
+    if clusters < 1 or epochs < 1:
+        raise ValueError(f"need clusters >= 1 and epochs >= 1, got clusters={clusters}, epochs={epochs}")
+    x = F.normalize(features.float(), dim=1).to(_device(device, features))
+    nbrs = (cosine_knn(x, cfg.knn) if knn is None else knn).to(x.device)
+    run = _Trainer(x, clusters, nbrs, cfg)
+    history = run.fit(epochs, progress)
+    head = int(history[-1].argmin())
+    ids = assign(run.teacher, x, head).cpu()
+    info = {"head": head, "head_loss": history[-1].tolist(), "loss": [float(h[head]) for h in history],
+            **balance(ids.numpy(), clusters)}
+    return ids, info
+
+
+def cluster_count_bound(features: torch.Tensor, threshold: float = 0.9, c_start: int = 2, c_max: int = 4096,
+                        epochs: int = 50, cfg: TEMIConfig = TEMIConfig(), tol: int = 1, device=None,
+                        progress: bool = True, log=print) -> tuple[int, list[dict]]:
+    """Upper bound on the useful number of clusters (C-EDM section 3.3) and the table it used.
+
+    threshold: the utilisation C_u / C that counts as "all clusters used"; 0.9 is our default
+    (tune it per data set). Runs TEMI at c_start, 2 c_start, ... <= c_max, then bisects between the
+    last good and the first bad C until they are ``tol`` apart. Returns (bound, rows sorted by C,
+    each {'C', 'C_u', 'ratio'}) and logs the table. If even c_start is below the threshold the
+    search continues below it (C = 1 is always fully used)."""
+    if not 0 < threshold <= 1 or not 1 <= c_start <= c_max or tol < 1:
+        raise ValueError(f"need 0 < threshold <= 1, 1 <= c_start <= c_max, tol >= 1; got "
+                         f"threshold={threshold}, c_start={c_start}, c_max={c_max}, tol={tol}")
+    c_max = min(c_max, len(features))
+    knn = cosine_knn(features.to(_device(device, features)), cfg.knn)
+    table: dict[int, dict] = {}
+
+    def good(c: int) -> bool:
+        _, info = temi_cluster(features, c, epochs, cfg, knn, device, progress)
+        table[c] = {"C": c, "C_u": info["used"], "ratio": info["utilisation"]}
+        return info["utilisation"] >= threshold
+
+    lo, hi, c = 1, None, min(c_start, c_max)
+    while hi is None:
+        lo, hi = (c, None) if good(c) else (lo, c)
+        if c >= c_max:
+            break
+        c = min(2 * c, c_max)
+    while hi is not None and hi - lo > tol:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if good(mid) else (lo, mid)
+    rows = [table[k] for k in sorted(table)]
+    log(format_table(rows, threshold, lo))
+    return lo, rows
+
+
+def format_table(rows: list[dict], threshold: float, bound: int) -> str:
+    lines = [f"{'C':>7} {'C_u':>7} {'C_u/C':>7}"]
+    lines += [f"{r['C']:>7} {r['C_u']:>7} {r['ratio']:>7.3f}{'  <- bound' if r['C'] == bound else ''}" for r in rows]
+    return "\n".join(lines + [f"upper bound on the number of clusters: {bound} (utilisation >= {threshold})"])
+
+
+def temi_annotations(features: torch.Tensor, k: int, settings: dict, epochs: int = 100,
+                     cfg: TEMIConfig = TEMIConfig(), device=None, progress: bool = True) -> Annotations:
+    """Self-labels from TEMI's best head (C-EDM's cluster conditioning, SPEC section 3)."""
+    ids, info = temi_cluster(features, k, epochs, cfg, device=device, progress=progress)
+    temi = {"head": info["head"], "final_loss": info["loss"][-1], "epochs": epochs, **dataclasses.asdict(cfg)}
+    return Annotations(ids, k, settings={**settings, "temi": temi})

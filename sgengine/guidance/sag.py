@@ -1,0 +1,119 @@
+"""Self-attention guidance (Hong et al., "Improving Sample Quality of Diffusion Models Using
+Self-Attention Guidance", Eq. 16-17; SPEC section 4) as a ``denoise(x, t)`` callable.
+
+One step inside the window, with pred the native prediction (eps, D or v) and mass the per-key
+attention mass of ``layer`` read during that same forward (``capture_key_mass``):
+
+    x0, eps = param.x0_eps(x_t, pred_u, t);   (a, b) = param.coeffs(t)
+    x_deg   = a (M blur(x0) + (1 - M) x0) + b eps,   M = up(mass > threshold)   (fused kernel)
+    pred    = base + s (pred_u - pred_deg - g (x_t - x_deg)),      pred_deg = model(x_deg)
+
+where base = pred_u without CFG (so pred = pred' + (1+s)(pred - pred'), Eq. 17), and with CFG
+base = pred_u + w (pred_c - pred_u) from ONE batched [uncond; cond] forward, mask and x0 from the
+unconditional half and the extra forward of B under the null condition (SPEC 4).
+
+g = param.input_gain(t) = d pred / d x_t at fixed eps. Eq. 17 is defined on eps, and pred_u and
+pred_deg are evaluated at different inputs; eps = c (x - k pred) is affine in pred with an
+input-dependent offset, so for D and v a plain native combination would add s g (x_t - x_deg) =
+s M (x0 - blur(x0)): an unsharp mask, not the paper's guidance. With the g term the result
+equals Eq. 17 computed on eps and mapped back, for DDPM (g = 0), EDM (g = 1) and flow (g = 1/t).
+The CFG part needs no correction: both halves see the same x_t.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.sag_degrade import sag_degrade
+from .attach import capture_key_mass
+from .cfg import CFG
+from .param import Parameterization
+
+
+def _check_args(blur, window, threshold) -> None:
+    k, sigma = blur
+    if int(k) != k or k < 1 or k % 2 == 0 or not sigma > 0:
+        raise ValueError(f"blur must be (odd kernel_size >= 1, sigma > 0), e.g. (9, 1.0); got {blur}")
+    if window is not None and not (len(window) == 2 and window[0] <= window[1]):
+        raise ValueError(f"window must be (t_lo, t_hi) with t_lo <= t_hi in the sampler's own time "
+                         f"(timestep, sigma or flow t), or None for every step; got {window}")
+    if threshold != threshold:
+        raise ValueError("threshold must be a number (1.0: above-average attention), got nan")
+
+
+class SAG:
+    """``SAG(net_or_cfg, param, layer, scale=0.75, threshold=1.0, blur=(9, 1.0), window=None,
+    w=None, backend="auto", **cond)``: a ``denoise(x, t)`` for any sampler of ``param``'s objective.
+
+    net_or_cfg: the objective-wrapped network, or a ``CFG`` (its w and condition are used).
+    w: CFG scale for a conditional model (with ``y=...``); None: no CFG (the condition, if any,
+    is kept for both forwards). window: apply SAG only for t_lo <= t <= t_hi; outside it and for
+    scale = 0 the step is exactly the unguided one (no extra forward). Use as a context manager
+    (or call ``close()``) to restore the network's attention hook.
+    """
+
+    def __init__(self, model, param: Parameterization, layer: str, scale: float = 0.75,
+                 threshold: float = 1.0, blur=(9, 1.0), window=None, w: float | None = None,
+                 backend: str = "auto", **cond):
+        if isinstance(model, CFG):
+            model, w, cond = model.net, model.w, {**model.cond, **cond}
+        _check_args(blur, window, threshold)
+        if w is not None and not any(v is not None for v in cond.values()):
+            raise ValueError("w (the CFG scale) needs a condition: pass y=... for a conditional "
+                             "model, or w=None for an unconditional one")
+        self.param, self.scale, self.threshold = param, float(scale), float(threshold)
+        self.blur, self.window, self.backend = (int(blur[0]), float(blur[1])), window, backend
+        self.w = None if w is None else float(w)
+        self.cfg = CFG(model, self.w, **cond) if self.w is not None else None
+        self.null = CFG(model, 0.0, **cond) if self.w is not None else None  # the null-condition pass
+        self.plain = lambda x, t: model(x, t, **cond)
+        self.capture = capture_key_mass(model, layer, backend)
+        self.capture.active = False
+
+    def _inside(self, t: torch.Tensor) -> torch.Tensor:
+        if self.window is None:
+            return torch.ones(t.shape, dtype=torch.bool, device=t.device)
+        return (t >= self.window[0]) & (t <= self.window[1])
+
+    def unguided(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The step without SAG: exactly what CFG / the plain network returns."""
+        return self.cfg(x, t) if self.cfg is not None else self.plain(x, t)
+
+    def _forward(self, x, t):
+        """(pred_u, base) with the key mass of the unconditional samples recorded."""
+        self.capture.active, self.capture.rows = True, x.shape[0]
+        try:
+            if self.cfg is None or self.w == 0.0:
+                pred_u = self.unguided(x, t)
+                return pred_u, pred_u
+            pred_u, pred_c = self.cfg.pair(x, t)
+            return pred_u, pred_u + self.w * (pred_c - pred_u)
+        finally:
+            self.capture.active = False
+
+    def degrade(self, x: torch.Tensor, pred: torch.Tensor, mass: torch.Tensor, t: torch.Tensor):
+        """x_deg of Eq. 16 re-noised with the model's own eps, with this objective's (a, b)."""
+        x0, eps = self.param.x0_eps(x, pred, t)
+        a, b = self.param.coeffs(t)
+        return sag_degrade(x, x0, eps, mass, a, b, self.threshold, *self.blur, backend=self.backend)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        inside = self._inside(t)
+        # Without a window no host sync is needed to decide.
+        if self.scale == 0.0 or (self.window is not None and not bool(inside.any())):
+            return self.unguided(x, t)
+        pred_u, base = self._forward(x, t)
+        x_deg = self.degrade(x, pred_u, self.capture.mass, t)
+        pred_deg = (self.null if self.null is not None else self.plain)(x_deg, t)
+        gain = self.param.input_gain(t).view(-1, *([1] * (x.dim() - 1)))
+        delta = pred_u.float() - pred_deg.float() - gain * (x.float() - x_deg.float())
+        s = (self.scale * inside.float()).view_as(gain)
+        return (base.float() + s * delta).to(base.dtype)
+
+    def close(self) -> None:
+        self.capture.close()
+
+    def __enter__(self) -> "SAG":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,248 @@
+"""OnlineTrainer: flow matching on a U-ViT with online self-guidance (SPEC section 2, Algorithm 1).
+
+Two stages over N = cfg.steps: the first sigma N steps (sigma = online.stage_switch) train
+unconditionally (the learned null token for every sample); at step sigma N the EMA network is
+copied from the live one, and from then on each image is conditioned on the vector of its argmax
+prototype m* (eq. 16, computed by the EMA network on x noised to the feature time t_s), dropped
+with p_drop to the null token. L = L_fm + min(iter / (sigma N), 1) L_SK (Algorithm 1 line 18).
+
+L_SK reads the live network's mid-block features of the samples whose flow time lies in the
+window, in a separate no-grad forward with the null condition (the paper's v^l(x_t, t, 0)): the
+stop-gradient of section 4.2 by construction, and the features never see the prototype they are
+clustered into. It is added to the flow-matching loss through the base trainer's ``loss_fn``
+hook, so optimizer, clipping, EMA, logging and checkpoints stay the base trainer's.
+
+Patch-level variant (online.feature='patches', needs uvit.patch_cond): every mid-block patch
+token is clustered, and each patch token gets its prototype's embedding (y_patch), with y = 0 on
+the condition token. Single process only for now (see check_online_config).
+
+Checkpoints: the base folder plus ``clustering.safetensors`` (head, prototypes, BN statistics;
+written inside the folder before its atomic rename) and ``meta.json["online"]`` with
+the prototype usage counts of stage 2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import to_uint8
+from ..eval.cluster import cluster_report
+from ..guidance.cfg import CFG
+from ..sampling import Generator, load_generator
+from ..training import distributed as D
+from ..training.checkpoint import load_meta, resolve_checkpoint
+from ..training.objectives import run_sampler
+from ..training.trainer import Trainer
+from ..viz import save_grid
+from .clustering import (CLUSTERING_FILE, OnlineClustering, load_clustering, prototype_cond, prototype_ids,
+                         save_clustering, sk_weight)
+
+HELD_OUT = 256  # images of the fixed batch on which usage / NMI are logged
+
+
+def check_online_config(cfg) -> None:
+    """The online trainer's requirements on the whole TrainConfig, each with its fix."""
+    if not cfg.online.enabled:
+        raise ValueError("OnlineTrainer needs --online.enabled true (or --preset uvit-tiny-online)")
+    if cfg.arch != "uvit" or cfg.objective != "flow":
+        raise ValueError("online self-guidance trains a U-ViT with flow matching: pass --arch uvit --objective flow "
+                         "(or --preset uvit-tiny-online)")
+    if cfg.condition != "none":
+        raise ValueError("online self-guidance makes its own conditions from prototypes: pass --condition none")
+    if cfg.deepspeed or D.dist_info().world > 1:
+        raise ValueError("online self-guidance trains in one process for now (its head and prototypes are not yet "
+                         "synchronised across ranks): drop --deepspeed and run without torchrun")
+    if cfg.online.feature == "patches" and not cfg.uvit.patch_cond:
+        raise ValueError("patch-level online self-guidance adds a prototype to every patch token: pass "
+                         "--uvit.patch_cond true with --online.feature patches")
+
+
+@dataclass
+class OnlineGenerator:
+    """A model ready to sample by prototype: the base Generator plus the clustering (phi, M)."""
+    gen: Generator
+    clustering: OnlineClustering
+    usage: torch.Tensor  # stage-2 assignment counts per prototype (K,)
+
+
+def load_online(path, device="cpu") -> OnlineGenerator:
+    """A run folder or checkpoint of an online run: EMA network, clustering and usage."""
+    ckpt = resolve_checkpoint(path)
+    gen = load_generator(ckpt, device)
+    if not gen.cfg.online.enabled:
+        raise ValueError(f"{ckpt} is not an online self-guidance run; sample it with sgengine.sample")
+    clustering = load_clustering(ckpt, OnlineClustering(gen.cfg.uvit.dim, gen.cfg.online)).to(device).eval()
+    usage = torch.tensor(load_meta(ckpt)["online"]["usage"], dtype=torch.long)
+    return OnlineGenerator(gen, clustering, usage)
+
+
+def prototype_condition(gen: OnlineGenerator, ids) -> dict:
+    """The condition keywords for prototype ids: (n,) ids, or for a patch-level model also (n, N)
+    per-patch ids (an exemplar's map); (n,) ids of a patch-level model put that prototype on
+    every patch. Image level: {"y": (n, d)}; patch level: {"y": 0, "y_patch": (n, N, d)}."""
+    ids = torch.as_tensor(ids).long()
+    k, patches = gen.clustering.cfg.prototypes, gen.clustering.cfg.feature == "patches"
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= k:
+        raise ValueError(f"prototype ids must lie in [0, {k}); got {ids.tolist()}")
+    if ids.dim() not in ((1, 2) if patches else (1,)):
+        raise ValueError(f"prototype ids must be (n,){' or (n, patches)' if patches else ''}, got {tuple(ids.shape)}")
+    if patches and ids.dim() == 1:
+        ids = ids[:, None].expand(-1, gen.gen.cfg.uvit.num_patches)
+    return prototype_cond(gen.clustering, ids, gen.gen.device)
+
+
+def prototype_of_exemplar(src, image: torch.Tensor, seed: int = 0) -> int | torch.Tensor:
+    """The prototype of an exemplar image (C, H, W), uint8 or floats in [-1, 1]: noise it to
+    the feature time, one forward of the EMA network, argmax prototype (paper section 4.2).
+    An int; for a patch-level model the (N,) map of patch prototypes (paper Fig. 6)."""
+    gen = src.online_generator() if isinstance(src, OnlineTrainer) else src
+    x = image.float() / 127.5 - 1 if image.dtype == torch.uint8 else image.float()
+    m = gen.gen.cfg.uvit
+    if x.shape != (m.in_channels, m.img_size, m.img_size):
+        raise ValueError(f"the exemplar must be ({m.in_channels}, {m.img_size}, {m.img_size}) like the training "
+                         f"images, got {tuple(x.shape)}: resize it first (sgengine.data.load_folder does)")
+    g = torch.Generator(gen.gen.device).manual_seed(seed)
+    ids = prototype_ids(gen.gen.net, gen.clustering, x[None].to(gen.gen.device), g)[0]
+    return int(ids) if ids.dim() == 0 else ids
+
+
+def top_prototypes(gen: OnlineGenerator, rows: int) -> list[int]:
+    """The ``rows`` most used prototypes (ties and an unused model: lowest ids), sorted."""
+    order = torch.argsort(gen.usage, descending=True, stable=True)
+    return sorted(order[:rows].tolist())
+
+
+def sample_prototypes(gen: OnlineGenerator, ids, w: float = 1.4, steps: int = 50, sampler: str | None = None,
+                      seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """Samples (n, C, H, W) in [-1, 1] conditioned on prototype ids. CFG's w = 1 + g of eq. 17
+    (v_c + g (v_c - v_u) = v_u + (1 + g)(v_c - v_u)): the paper's g = 0.4 is w = 1.4."""
+    cond = prototype_condition(gen, ids)
+    m, g = gen.gen.cfg.uvit, torch.Generator().manual_seed(seed)
+    x = torch.randn(cond["y"].shape[0], m.in_channels, m.img_size, m.img_size, generator=g).to(gen.gen.device)
+    return run_sampler(gen.gen.objective, sampler, CFG(gen.gen.net, w, **cond), x, steps, generator=g,
+                       progress=progress)
+
+
+class _Capture:
+    """The network as the flow loss calls it, keeping the (x_t, t) of the training draw."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x_t, t, **cond):
+        self.x_t, self.t = x_t, t
+        return self.net(x_t, t, **cond)
+
+
+class OnlineTrainer(Trainer):
+    def __init__(self, cfg, log=print):
+        check_online_config(cfg)
+        super().__init__(cfg, log)
+        self.held = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(cfg.seed))[:HELD_OUT]
+
+    def _build(self) -> None:
+        super()._build()
+        cfg = self.cfg
+        self.clustering = OnlineClustering(cfg.uvit.dim, cfg.online).to(self.device)
+        # phi and M join the optimizer (Algorithm 1 line 19); the schedule is rebuilt to cover them.
+        self.opt.add_param_group({"params": list(self.clustering.parameters())})
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.sched.lr_lambdas[0])
+        self.loss_fn = self._loss
+        self.switch_step = int(round(cfg.online.stage_switch * cfg.steps))
+        self.usage = torch.zeros(cfg.online.prototypes, dtype=torch.long)
+        self.sk_window: list[float] = []
+
+    def _resume(self):
+        ckpt = super()._resume()
+        if ckpt is not None:
+            load_clustering(ckpt, self.clustering)
+            saved = load_meta(ckpt)["online"]
+            # A resumed run may change --steps: the stage switch stays where the run started it.
+            self.usage, self.switch_step = torch.tensor(saved["usage"], dtype=torch.long), saved["switch_step"]
+        return ckpt
+
+    # -- one step ---------------------------------------------------------------------------
+    @property
+    def stage(self) -> int:
+        return 1 if self.step < self.switch_step else 2
+
+    def batch(self, micro: int = 0):
+        x, _ = super().batch(micro)  # base draws (indices, its dropout, flips); condition 'none': no cond
+        if self.stage == 1:
+            return x, {}  # y=None: the learned null token for every sample
+        if self.step == self.switch_step and micro == 0:
+            self.ema.load_state_dict(self.net.state_dict())  # the switch: EMA restarts from the live net
+        ids = prototype_ids(self.ema, self.clustering, x, self.g_dev)
+        self.usage += torch.bincount(ids.cpu().reshape(-1), minlength=self.usage.numel())
+        drop = torch.rand(x.shape[0], generator=self.g) < self.cfg.online.p_drop
+        return x, {**prototype_cond(self.clustering, ids, self.device), "null": drop.to(self.device)}
+
+    def _loss(self, net, x, generator=None, **cond) -> torch.Tensor:
+        """Per-sample L_fm + w(iter) L_SK (the scalar L_SK broadcast, so the mean is L_fm + w L_SK)."""
+        cap = _Capture(net)
+        fm = self.objective.loss(cap, x, generator=generator, **cond)
+        sk = self.sk_loss(net, cap.x_t, cap.t)
+        self.sk_window.append(float(sk.detach()))
+        return fm + self.sk_w() * sk
+
+    def sk_w(self) -> float:
+        """Algorithm 1's min(iter / (sigma N), 1), with sigma N = the switch step (kept on resume)."""
+        return sk_weight(self.step, self.switch_step, 1.0)
+
+    def sk_loss(self, net, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """L_SK on the in-window samples' stop-gradient (no-grad, null-condition) features."""
+        keep = self.clustering.in_window(t)
+        if int(keep.sum()) < 2:  # nothing to cluster (BN needs two rows): L_SK = 0, no forward
+            return self.clustering.loss(x_t.new_zeros(0, self.cfg.uvit.dim), t[keep])
+        with torch.no_grad():
+            _, feats = net(x_t[keep], t[keep], return_features=True)
+        return self.clustering.loss(feats, t[keep])
+
+    def train_step(self) -> float:
+        loss = super().train_step()
+        self.clustering.normalize_prototypes_()  # M re-normalised every step (SwAV)
+        return loss
+
+    # -- logs, checkpoints, grids -----------------------------------------------------------
+    def _log(self, window, t0, bar):
+        now = super()._log(window, t0, bar)
+        sk = sum(self.sk_window) / max(len(self.sk_window), 1)
+        self.sk_window = []
+        done = 1 if self.step <= self.switch_step else 2  # the stage of the steps just logged
+        rec = {"step": self.step, "stage": done, "sk_loss": sk,
+               "sk_weight": self.sk_w()}
+        if self.metrics is not None:
+            self.metrics.log({**rec, **self.cluster_metrics(self.ema if done == 2 else self.net)})
+        return now
+
+    def cluster_metrics(self, net) -> dict:
+        """Usage (prototypes used, KL to uniform) and NMI to labels of ``net``'s held-batch assignments."""
+        x = self.data.batch(self.held, self.device)
+        ids = prototype_ids(net, self.clustering, x, torch.Generator(self.device).manual_seed(self.cfg.seed))
+        labels = self.data.labels[self.held] if self.data.labels is not None and ids.dim() == 1 else None
+        rep = cluster_report(ids.cpu().reshape(-1), self.cfg.online.prototypes, labels)  # patches: balance only
+        return {f"cluster_{k}": v for k, v in rep.items() if k != "k"}
+
+    def _meta(self) -> dict:
+        return {**super()._meta(), "online": {"clustering": CLUSTERING_FILE, "usage": self.usage.tolist(),
+                                              "switch_step": self.switch_step}}
+
+    def _extra_files(self, folder: Path, stage: Path | None) -> None:
+        super()._extra_files(folder, stage)
+        save_clustering(folder, self.clustering)  # inside the checkpoint's atomic rename
+
+    def online_generator(self) -> OnlineGenerator:
+        return OnlineGenerator(self.generator(), self.clustering, self.usage.clone())
+
+    def sample_grid(self) -> Path:
+        """Rows = the most used prototypes (stage-2 usage; before it, the first ones)."""
+        cfg, gen = self.cfg, self.online_generator()
+        rows = top_prototypes(gen, cfg.grid_rows)
+        ids = torch.tensor(rows).repeat_interleave(cfg.grid_cols)
+        imgs = to_uint8(sample_prototypes(gen, ids, w=cfg.guidance_w, steps=cfg.sample_steps,
+                                          sampler=cfg.sampler or None, seed=cfg.seed).cpu())
+        path = save_grid(imgs, len(rows), self.out / "samples" / f"step_{self.step:08d}.png", scale=2)
+        save_grid(imgs, len(rows), self.out / "samples.png", scale=2)
+        return path

@@ -1,0 +1,316 @@
+"""Self-attention guidance: parameterisations, key-mass capture, the SAG denoiser, the CLI."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from sgengine.config import preset
+from sgengine.diffusion.flow import SIGMA_MIN
+from sgengine.guidance import CFG, SAG, capture_key_mass, list_attention_layers, parameterization_for
+from sgengine.guidance.attach import core_network
+from sgengine.kernels.sag_degrade import sag_degrade
+from sgengine.models.attention import attention
+from sgengine.models.unet import UNET_PRESETS
+from sgengine.models.uvit import UVIT_PRESETS, UViT
+from sgengine.sample import main as sample_main
+from sgengine.training.objectives import build_network, make_objective, run_sampler
+from sgengine.training.trainer import Trainer
+
+OBJECTIVES = ("ddpm", "edm", "flow")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: a second intra-op thread costs more in synchronisation than it gives."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+T_OF = {"ddpm": 500.0, "edm": 2.0, "flow": 0.5}  # one mid-trajectory time per objective
+K = 4
+
+
+def _model(objective, attention_ds=(1, 2)):
+    """A conditional tiny UNet (with an 8x8 high-resolution attention layer) and random weights:
+    the zero-initialised output layers would otherwise make every prediction 0."""
+    model = dataclasses.replace(UNET_PRESETS["tiny"], num_classes=K, attention_ds=attention_ds)
+    cfg = dataclasses.replace(preset("tiny"), objective=objective, condition="labels", model=model)
+    return cfg, _randomise(make_objective(cfg).wrap(build_network(cfg)).eval())
+
+
+def _randomise(net):
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.2)
+    return net
+
+
+def _inputs(objective, b=3):
+    y = F.one_hot(torch.arange(b) % K, K).float()
+    return torch.randn(b, 1, 8, 8), torch.full((b,), T_OF[objective]), y
+
+
+# --- re-noising per parameterisation -------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_all_zero_mask_returns_x_t_for_every_parameterisation(objective):
+    cfg = preset("tiny")
+    param = parameterization_for(objective, cfg)
+    x, t, _ = _inputs(objective, b=4)
+    t = t * torch.tensor([0.3, 0.6, 1.0, 1.2]).clamp(max=1.0 if objective == "flow" else 2.0)
+    x0, eps = param.x0_eps(x, torch.randn_like(x), t)
+    a, b = param.coeffs(t)
+    mass = torch.rand(4, 4, 4) * 2
+    x_deg = sag_degrade(x, x0, eps, mass, a, b, threshold=float("inf"), kernel_size=5, sigma=1.0)
+    torch.testing.assert_close(x_deg, x, rtol=1e-5, atol=1e-5)
+
+
+def test_parameterization_names_the_fix():
+    with pytest.raises(ValueError, match="parameterization_for\\('ddpm', cfg\\)"):
+        parameterization_for("ddpm")
+    with pytest.raises(ValueError, match="'ddpm', 'edm' or 'flow'"):
+        parameterization_for("vp", preset("tiny"))
+
+
+# --- key-mass capture ----------------------------------------------------------------------------
+
+def _materialise(module, store):
+    """Swap ``module.attend`` for explicit softmax attention, keeping every map in ``store``."""
+    def attend(q, k, v):
+        a = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+        store.append(a)
+        return a @ v
+    module.attend = attend
+
+
+def _module(net, layer):
+    return dict(core_network(net).named_modules())[layer]
+
+
+@pytest.mark.parametrize("layer,side", [("mid.1.attn", 4), ("up.2.1.attn", 8), ("down.0.1.attn", 8)])
+def test_captured_mass_matches_the_map_and_averages_to_one(layer, side):
+    _, net = _model("ddpm")
+    x, t, y = _inputs("ddpm")
+    with torch.no_grad(), capture_key_mass(net, layer) as cap:
+        out = net(x, t, y=y)
+        mass = cap.mass
+    store = []
+    _materialise(_module(net, layer), store)
+    with torch.no_grad():
+        want = net(x, t, y=y)
+    assert mass.shape == (3, side, side)
+    torch.testing.assert_close(mass.mean(dim=(1, 2)), torch.ones(3))
+    torch.testing.assert_close(mass.flatten(1), store[0].sum(2).mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    _module(net, layer).attend = attention
+
+
+def test_capture_restores_the_hook():
+    _, net = _model("ddpm")
+    with capture_key_mass(net, "mid.1.attn"):
+        assert _module(net, "mid.1.attn").attend is not attention
+    assert _module(net, "mid.1.attn").attend is attention
+
+
+def test_uvit_mass_drops_the_extra_tokens():
+    net = UViT(UVIT_PRESETS["uvit-tiny"]).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    assert "mid_block.attn" in list_attention_layers(net)
+    with torch.no_grad(), capture_key_mass(net, "mid_block.attn") as cap:
+        net(x, t)
+    store = []
+    _materialise(net.mid_block.attn, store)
+    with torch.no_grad():
+        net(x, t)
+    assert cap.mass.shape == (2, 4, 4)  # 8x8 image, patch 2: a 4x4 grid without time/cond/CLS
+    torch.testing.assert_close(cap.mass.flatten(1), store[0].sum(2).mean(1)[:, 3:], rtol=1e-4, atol=1e-5)
+
+
+def test_wrong_layer_name_lists_the_layers():
+    _, net = _model("edm")
+    with pytest.raises(KeyError, match="mid.1.attn.*up.2.1.attn"):
+        capture_key_mass(net, "mid.attn")
+
+
+# --- the SAG denoiser ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_scale_zero_reproduces_the_unguided_sampler_exactly(objective):
+    cfg, net = _model(objective)
+    obj = make_objective(cfg)
+    x, _, y = _inputs(objective)
+    count = _Counter(net)
+    want = run_sampler(obj, None, CFG(net, 2.0, y=y), x, 2)
+    forwards, count.n = count.n, 0
+    with SAG(net, parameterization_for(objective, cfg), "mid.1.attn", scale=0.0, w=2.0, y=y) as sag:
+        got = run_sampler(obj, None, sag, x, 2)
+    assert torch.equal(got, want) and count.n == forwards  # and no extra forward
+
+
+def _to_eps(objective, x, pred, t):
+    """eps from the native prediction at input x (written out, independent of param.py)."""
+    t = t.view(-1, 1, 1, 1)
+    return {"ddpm": pred, "edm": (x - pred) / t, "flow": x - t * pred}[objective]
+
+
+def _from_eps(objective, x, eps, t):
+    t = t.view(-1, 1, 1, 1)
+    return {"ddpm": eps, "edm": x - t * eps, "flow": (x - eps) / t}[objective]
+
+
+def _ab(objective, cfg, t):
+    if objective == "ddpm":
+        abar = torch.cumprod(1 - torch.linspace(cfg.beta_start, cfg.beta_end, cfg.T, dtype=torch.float64), 0)
+        ab = abar[t.long()].float()
+        return ab.sqrt(), (1 - ab).sqrt()
+    if objective == "edm":
+        return torch.ones_like(t), t
+    return t, 1 - (1 - SIGMA_MIN) * t
+
+
+def _reference(objective, cfg, net, layer, x, t, y, w, s, blur, threshold=1.0, extras=0):
+    """SAG + CFG with separate forwards, the materialised map and torchvision's blur, in eps;
+    ``extras``: leading non-image tokens (the U-ViT's time, condition, CLS)."""
+    store = []
+    _materialise(_module(net, layer), store)
+    yes, no = torch.ones(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.bool)
+    pred_u, pred_c = net(x, t, y=y, null=yes), net(x, t, y=y, null=no)
+    mass = store[0].sum(2).mean(1)[:, extras:]
+    side = int(mass.shape[1] ** 0.5)
+    m = F.interpolate((mass.view(len(x), 1, side, side) > threshold).float(), size=x.shape[-2:], mode="nearest")
+    assert 0 < m.mean() < 1  # a mask that is neither empty nor full
+    a, b = (c.view(-1, 1, 1, 1) for c in _ab(objective, cfg, t))
+    eps_u, eps_c = _to_eps(objective, x, pred_u, t), _to_eps(objective, x, pred_c, t)
+    x0 = (x - b * eps_u) / a
+    x0_bar = m * gaussian_blur(x0, [blur[0]] * 2, [blur[1]] * 2) + (1 - m) * x0
+    x_deg = a * x0_bar + b * eps_u
+    eps_deg = _to_eps(objective, x_deg, net(x_deg, t, y=y, null=yes), t)
+    _module(net, layer).attend = attention
+    return _from_eps(objective, x, eps_u + w * (eps_c - eps_u) + s * (eps_u - eps_deg), t)
+
+
+@pytest.mark.parametrize("layer", ["mid.1.attn", "up.2.1.attn"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_sag_with_cfg_equals_the_reference_formula(objective, layer):
+    cfg, net = _model(objective)
+    x, t, y = _inputs(objective)
+    with torch.no_grad():
+        with SAG(net, parameterization_for(objective, cfg), layer, scale=0.8, blur=(5, 1.0), w=2.0, y=y) as sag:
+            got = sag(x, t)
+        want = _reference(objective, cfg, net, layer, x, t, y, 2.0, 0.8, (5, 1.0))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sag_with_cfg_on_the_uvit_equals_the_reference_formula():
+    cfg = dataclasses.replace(preset("tiny"), objective="flow", arch="uvit")
+    net = _randomise(make_objective(cfg).wrap(build_network(cfg)).eval())
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.6)
+    y = torch.randn(2, net.cfg.condition_dim)
+    with torch.no_grad():
+        with SAG(net, parameterization_for("flow"), "mid_block.attn", scale=0.8, threshold=1.0,
+                 blur=(3, 1.0), w=2.0, y=y) as sag:
+            got = sag(x, t)
+        want = _reference("flow", cfg, net, "mid_block.attn", x, t, y, 2.0, 0.8, (3, 1.0), 1.0, extras=3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sag_without_cfg_is_eq_17():
+    cfg, net = _model("ddpm")
+    x, t, _ = _inputs("ddpm")
+    param = parameterization_for("ddpm", cfg)
+    with torch.no_grad(), SAG(net, param, "mid.1.attn", scale=0.5, blur=(5, 1.0)) as sag:
+        got = sag(x, t)
+        pred = sag.unguided(x, t)
+        sag.capture.active = True
+        net(x, t)
+        x_deg = sag.degrade(x, pred, sag.capture.mass, t)
+        sag.capture.active = False
+        pred_deg = net(x_deg, t)
+    assert not torch.allclose(x_deg, x)
+    torch.testing.assert_close(got, pred_deg + 1.5 * (pred - pred_deg), rtol=1e-5, atol=1e-5)
+
+
+class _Counter:
+    """Samples seen by the core network's forward."""
+
+    def __init__(self, net):
+        self.n = 0
+        core_network(net).register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.n += args[0].shape[0]
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "edm"])
+def test_extra_forward_is_b_inside_the_window_and_0_outside(objective):
+    cfg, net = _model(objective)
+    x, t, y = _inputs(objective)
+    window = (0.5 * T_OF[objective], 1.5 * T_OF[objective])
+    count = _Counter(net)
+    with torch.no_grad(), SAG(net, parameterization_for(objective, cfg), "mid.1.attn", w=2.0,
+                              window=window, y=y) as sag:
+        for tt, extra in ((t, 3), (t * 3, 0), (t * 0.2, 0)):
+            count.n = 0
+            out = sag(x, tt)
+            assert count.n == 2 * 3 + extra
+            if not extra:
+                assert torch.equal(out, CFG(net, 2.0, y=y)(x, tt))
+
+
+def test_bad_arguments_name_the_fix():
+    cfg, net = _model("ddpm")
+    param = parameterization_for("ddpm", cfg)
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        SAG(net, param, "mid.1.attn", blur=(4, 1.0))
+    with pytest.raises(ValueError, match="t_lo <= t_hi"):
+        SAG(net, param, "mid.1.attn", window=(5, 1))
+    with pytest.raises(ValueError, match="needs a condition"):
+        SAG(net, param, "mid.1.attn", w=2.0)
+
+
+# --- diffusers -----------------------------------------------------------------------------------
+
+def test_diffusers_processor_reads_the_mass_and_keeps_the_output():
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is optional: pip install diffusers")
+    from sgengine.guidance.attach import attach_diffusers, list_diffusers_layers
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 attention_head_dim=4, layers_per_block=1).eval()
+    layers = list_diffusers_layers(unet)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        want = unet(x, t).sample
+        cap = attach_diffusers(unet, "mid_block.attentions.0")
+        got = unet(x, t).sample
+        cap.close()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert cap.mass.shape == (2, 4, 4)
+    torch.testing.assert_close(cap.mass.mean(dim=(1, 2)), torch.ones(2))
+    with pytest.raises(KeyError, match=layers[0]):
+        attach_diffusers(unet, "nope")
+
+
+# --- end to end: train a tiny checkpoint, sample through the CLI -------------------------------
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_cli_samples_with_sag_from_a_trained_checkpoint(tmp_path, objective, capsys):
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(preset("tiny"), out=str(run), condition="labels", objective=objective,
+                              steps=2, ckpt_every=2, sample_steps=2, log_every=1)
+    Trainer(cfg).run()
+    assert sample_main(["--ckpt", str(run), "--list-layers"]) == 0
+    assert "mid.1.attn" in capsys.readouterr().out.split()
+    png = tmp_path / "sag.png"
+    window = {"ddpm": "0,1000", "edm": "0.01,100", "flow": "0.2,1"}[objective]
+    rc = sample_main(["--ckpt", str(run), "--n", "4", "--clusters", "0", "1", "--steps", "2", "--sag-scale", "0.75",
+                      "--sag-layer", "mid.1.attn", "--sag-blur", "3,1.0", "--sag-window", window,
+                      "--out", str(png)])
+    assert rc == 0 and png.exists()
+    images = np.load(png.with_suffix(".npz"))["images"]
+    assert images.shape == (4, 1, 8, 8) and images.dtype == np.uint8
+    assert sample_main(["--ckpt", str(run), "--sag-scale", "0.5", "--sag-layer", "bad"]) == 2
+    assert "available layers" in capsys.readouterr().err
