@@ -3,7 +3,10 @@
 Reference formulas are transcribed here independently (scipy's sqrtm for FID, the original
 OpenAI loop for IS, a brute-force double loop for Kynkäänniemi et al.'s precision/recall).
 """
+import inspect
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -238,11 +241,27 @@ def test_inception_missing_weights_error_says_how_to_fix(no_inception_cache, tmp
         inception_extractor(weights=tmp_path / "nothing_here.pt")
 
 
+def _scripted_detector(path) -> nn.Module:
+    """Script FakeDetector in a clean interpreter: once DeepSpeed has been imported (the
+    distributed tests), torch.jit.script fails on torch's own autograd.Function annotations.
+    Returns an eager twin with the same weights."""
+    torch.manual_seed(0)
+    det = FakeDetector().eval()
+    weights = path.with_suffix(".weights.pt")
+    torch.save(det.state_dict(), weights)
+    code = (f"import torch\nfrom torch import nn\n{inspect.getsource(FakeDetector)}\n"
+            f"d = FakeDetector().eval(); d.load_state_dict(torch.load({str(weights)!r}))\n"
+            f"torch.jit.save(torch.jit.script(d), {str(path)!r})\n")
+    script = path.with_suffix(".make.py")  # TorchScript reads the class's source from a file
+    script.write_text(code)
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    return det
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_inception_from_torchscript_file(no_inception_cache, tmp_path, monkeypatch):
-    det = FakeDetector().eval()
     path = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.save(torch.jit.script(det), str(path))
+    det = _scripted_detector(path)
     monkeypatch.setenv(INCEPTION_ENV, str(path))  # found through the environment variable
     ex = inception_extractor()
     assert isinstance(ex, FeatureExtractor) and isinstance(ex, ClassifierExtractor) and ex.dim == 2048

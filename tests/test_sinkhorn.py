@@ -11,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgengine.kernels import sinkhorn as sk
+import importlib
+
+sk = importlib.import_module("sgengine.kernels.sinkhorn")  # the module: the package exports a function of that name
 from sgengine.kernels.sinkhorn import sinkhorn, sinkhorn_ref
 
 
