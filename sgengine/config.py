@@ -47,7 +47,7 @@ class TrainConfig:
     annotations: str = ""  # annotation file from `python -m sgengine.annotate` (condition='annotations')
     k: int = 10  # clusters for in-process self-labels
     pca_dim: int = 0  # in-process self-labels: k-means on PCA of pixels (0 = raw pixels; best NMI on digits)
-    steps: int = 1500  # digits: ~4 min on 2 CPU cores; rows of the grid are distinct digits
+    steps: int = 1500  # digits: ~6 min on 2 CPU cores; rows of the grid are distinct digits
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01

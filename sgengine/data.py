@@ -53,7 +53,8 @@ def load_digits(size: int = 16) -> ImageData:
     return ImageData(img, torch.from_numpy(d.target).long(), [f"digit_{i}" for i in range(len(img))])
 
 
-def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
+def read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image file -> uint8 (C, size, size), centre-cropped and resized as for training."""
     with Image.open(path) as im:
         im = im.convert("L" if channels == 1 else "RGB")
         w, h = im.size
@@ -77,7 +78,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int = 3, progress:
     arrays, names, skipped = [], [], []
     for p in tqdm(paths, desc=f"reading {root.name}", disable=not progress):
         try:
-            arrays.append(_read_image(p, size, channels))
+            arrays.append(read_image(p, size, channels))
             names.append(str(p.relative_to(root)))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             skipped.append((str(p), f"{type(err).__name__}: {err}"))

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import to_uint8
+from .data import read_image, to_uint8
 from .guidance.attach import list_attention_layers
 from .sampling import grid_clusters, load_generator, sample
+from .training.checkpoint import load_meta, resolve_checkpoint
 from .viz import save_grid
 
 
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default=None,
                    help="ddim|ddpm (ddpm objective), heun|euler (edm), euler|heun|dopri5 (flow); default per objective")
+    p.add_argument("--prototypes", type=int, nargs="*", default=None,
+                   help="online self-guidance runs: prototype ids, one grid row each (default: the most used)")
+    p.add_argument("--like", default=None, help="online runs: condition on the prototype of this exemplar image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="samples.png", help="PNG grid; the raw samples go to the same name .npz")
@@ -65,10 +69,37 @@ def _rows(gen, args) -> tuple[torch.Tensor | None, int]:
     return torch.tensor(clusters).repeat_interleave(per_row), len(clusters)
 
 
+def _online(args, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Samples of an online self-guidance run, by prototype id or by an exemplar's prototype."""
+    from .online.trainer import load_online, prototype_of_exemplar, sample_prototypes, top_prototypes
+
+    gen = load_online(args.ckpt, device)
+    if args.like:
+        m = gen.gen.cfg.uvit
+        pid = prototype_of_exemplar(gen, torch.from_numpy(read_image(Path(args.like), m.img_size, m.in_channels)),
+                                    seed=args.seed)
+        print(f"exemplar {args.like}: prototype {pid if isinstance(pid, int) else pid.tolist()}")
+        protos = [pid] if isinstance(pid, int) else None
+        ids = torch.tensor(protos).repeat(args.n) if protos else pid[None].expand(args.n, -1)
+        return sample_prototypes(gen, ids, args.w, args.steps, args.sampler, args.seed, True), ids, 1
+    rows = args.prototypes or top_prototypes(gen, 8)
+    ids = torch.tensor(rows).repeat_interleave(max(1, args.n // len(rows)))
+    return sample_prototypes(gen, ids, args.w, args.steps, args.sampler, args.seed, True), ids, len(rows)
+
+
+def _is_online(path) -> bool:
+    return bool(load_meta(resolve_checkpoint(path))["config"].get("online", {}).get("enabled"))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     try:
+        if _is_online(args.ckpt) and not args.list_layers:
+            x, ids, rows = _online(args, device)
+            return _write(x, ids, rows, args.out)
+        if args.like or args.prototypes:
+            raise ValueError("--like and --prototypes need an online self-guidance run (--preset uvit-*-online)")
         gen = load_generator(args.ckpt, device)
         if args.list_layers:
             print("\n".join(list_attention_layers(gen.net)))
@@ -81,8 +112,12 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return _write(x, ids, rows, args.out)
+
+
+def _write(x: torch.Tensor, ids: torch.Tensor | None, rows: int, out: str) -> int:
     imgs = to_uint8(x.cpu())
-    out = Path(args.out)
+    out = Path(out)
     save_grid(imgs, rows, out, scale=2)
     np.savez(out.with_suffix(".npz"), images=imgs.numpy(), clusters=(ids.numpy() if ids is not None else np.array([])))
     print(f"wrote {out} ({len(imgs)} samples, {rows} rows) and {out.with_suffix('.npz')}")

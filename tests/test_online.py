@@ -2,8 +2,10 @@
 conditioning and the offline variant, on the tiny U-ViT and 8x8 digits."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,3 +194,29 @@ def test_patch_level_variant_conditions_every_patch(tmp_path):
     ids = prototype_of_exemplar(tr, x[0])
     assert ids.shape == (n,)
     assert sample_prototypes(tr.online_generator(), ids[None], steps=1).shape == (1, 1, 8, 8)
+
+
+def test_sample_cli_by_prototype_and_by_exemplar(run_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from sgengine.data import load_digits
+    from sgengine.sample import main as sample_main
+
+    assert sample_main(["--ckpt", str(run_dir), "--n", "4", "--steps", "3", "--prototypes", "1", "3",
+                        "--out", str(tmp_path / "p.png")]) == 0
+    clusters = np.load(tmp_path / "p.npz")["clusters"]
+    assert clusters.tolist() == [1, 1, 3, 3]
+    Image.fromarray(load_digits(8).images[0, 0].numpy()).save(tmp_path / "ex.png")
+    assert sample_main(["--ckpt", str(run_dir), "--n", "2", "--steps", "3", "--like", str(tmp_path / "ex.png"),
+                        "--out", str(tmp_path / "like.png")]) == 0
+    assert "exemplar" in capsys.readouterr().out and (tmp_path / "like.png").exists()
+
+
+def test_sample_cli_refuses_prototypes_on_a_plain_run(tmp_path, capsys):
+    from sgengine.sample import main as sample_main
+    from sgengine.training.trainer import Trainer
+
+    cfg = dataclasses.replace(preset("tiny"), out=str(tmp_path / "plain"), steps=2, condition="labels")
+    Trainer(cfg).run()
+    assert sample_main(["--ckpt", str(tmp_path / "plain"), "--prototypes", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "online self-guidance run" in capsys.readouterr().err
