@@ -14,3 +14,14 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2,
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of many tiny ops, where a second intra-op thread costs more in synchronisation
+    than it gives (5-10x slower on a loaded 2-core machine). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

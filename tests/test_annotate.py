@@ -20,14 +20,7 @@ except ImportError:  # the ViT extractor is optional (pip install sgengine[timm]
     timm = None
 needs_timm = pytest.mark.skipif(timm is None, reason="needs timm")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small ops, where a second intra-op thread costs more than it gives
-    (5-10x slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: many tiny ops
 
 
 # Small heads and a faster teacher for ~100-step CPU runs (the defaults are the paper's).

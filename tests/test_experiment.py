@@ -16,14 +16,7 @@ from sgengine.training.checkpoint import load_meta
 from sgengine.training.trainer import Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: with other jobs on the 2 cores, conftest's 2 threads run these small models
-    ~10x slower (measured 58 s vs 4 s for two tiny runs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: many tiny ops
 
 
 def tiny_trainer(tmp_path, **over):

@@ -22,13 +22,7 @@ from sgengine.training.trainer import Trainer
 OBJECTIVES = ("ddpm", "edm", "flow")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second intra-op thread costs more in synchronisation than it gives."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: many tiny ops
 T_OF = {"ddpm": 500.0, "edm": 2.0, "flow": 0.5}  # one mid-trajectory time per objective
 K = 4
 
