@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +224,25 @@ def test_sample_cli_refuses_prototypes_on_a_plain_run(tmp_path, capsys):
     Trainer(cfg).run()
     assert sample_main(["--ckpt", str(tmp_path / "plain"), "--prototypes", "1", "--out", str(tmp_path / "x.png")]) == 2
     assert "online self-guidance run" in capsys.readouterr().err
+
+
+# -- two ranks under torchrun -------------------------------------------------------------------
+
+@pytest.mark.distributed
+def test_two_ranks_cluster_the_global_batch_and_stay_in_sync(tmp_path):
+    """tests/dist_online.py: L_SK over two ranks' unequal shares equals one process's on the whole
+    batch (loss, phi / M gradients, BN statistics), then a DDP run across the stage switch."""
+    script = Path(__file__).with_name("dist_online.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "dist_online OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for part in ("net", "ema", "clustering"):  # DDP averages the network; phi and M get equal gradients
+        for k, v in r0[part].items():
+            torch.testing.assert_close(r1[part][k], v, rtol=0, atol=0, msg=f"{part}.{k}")
+    assert torch.equal(r0["usage"], r1["usage"]) and int(r0["usage"].sum()) == 3 * 2 * 16  # stage 2 x global batch
+    gen = load_online(tmp_path / "run")
+    assert gen.usage.tolist() == r0["usage"].tolist()
+    imgs = sample_prototypes(gen, [0, 1], steps=2)
+    assert imgs.shape == (2, 1, 8, 8) and torch.isfinite(imgs).all()

@@ -267,13 +267,28 @@ def test_bad_arguments_name_the_fix():
 
 # --- diffusers -----------------------------------------------------------------------------------
 
+def _diffusers():
+    return pytest.importorskip("diffusers", reason="diffusers is optional: pip install diffusers")
+
+
+def _diffusers_unet(conditional: bool):
+    """A small randomly initialised diffusers UNet with an 8x8 and a 4x4 self-attention level."""
+    diffusers = _diffusers()
+    torch.manual_seed(0)
+    if not conditional:
+        return _randomise(diffusers.UNet2DModel(
+            sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+            down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
+            attention_head_dim=4, layers_per_block=1).eval())
+    return _randomise(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=6, attention_head_dim=4, layers_per_block=1).eval())
+
+
 def test_diffusers_processor_reads_the_mass_and_keeps_the_output():
-    diffusers = pytest.importorskip("diffusers", reason="diffusers is optional: pip install diffusers")
-    from sgengine.guidance.attach import attach_diffusers, list_diffusers_layers
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                 attention_head_dim=4, layers_per_block=1).eval()
+    from sgengine.guidance import attach_diffusers, list_diffusers_layers
+    unet = _diffusers_unet(conditional=False)
     layers = list_diffusers_layers(unet)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
     with torch.no_grad():
@@ -286,6 +301,83 @@ def test_diffusers_processor_reads_the_mass_and_keeps_the_output():
     torch.testing.assert_close(cap.mass.mean(dim=(1, 2)), torch.ones(2))
     with pytest.raises(KeyError, match=layers[0]):
         attach_diffusers(unet, "nope")
+
+
+def _diffusers_materialise(unet, layer, store):
+    """diffusers' own non-SDPA processor on ``layer``, keeping every probability map in ``store``."""
+    from diffusers.models.attention_processor import AttnProcessor
+    module = dict(unet.named_modules())[layer]
+    original, scores = module.processor, module.get_attention_scores
+
+    def record(*args, **kwargs):
+        probs = scores(*args, **kwargs)  # (B * heads, Nq, Nk)
+        store.append(probs.view(-1, module.heads, *probs.shape[-2:]))
+        return probs
+    module.set_processor(AttnProcessor())
+    module.get_attention_scores = record
+    return lambda: (module.set_processor(original), delattr(module, "get_attention_scores"))
+
+
+@pytest.mark.parametrize("layer", ["down_blocks.0.attentions.0.transformer_blocks.0.attn1",
+                                   "up_blocks.1.attentions.0.transformer_blocks.0.attn1"])
+def test_sag_with_cfg_on_a_diffusers_unet_equals_the_reference_formula(layer):
+    from sgengine.guidance import DiffusersDenoiser
+    from sgengine.guidance.param import ddpm_param
+    unet, cfg = _diffusers_unet(conditional=True), preset("tiny")
+    net = DiffusersDenoiser(unet, null_context=torch.zeros(3, 6))
+    assert layer in list_attention_layers(net)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 500.0)
+    context = torch.randn(2, 3, 6)
+    param = ddpm_param(torch.cumprod(1 - torch.linspace(cfg.beta_start, cfg.beta_end, cfg.T, dtype=torch.float64), 0))
+    with torch.no_grad():
+        with SAG(net, param, layer, scale=0.8, blur=(5, 1.0), w=2.0, y=context) as sag:
+            got = sag(x, t)
+        store = []
+        restore = _diffusers_materialise(unet, layer, store)
+        want = _reference_eps(cfg, net, store, x, t, context, 2.0, 0.8, (5, 1.0))
+        restore()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _reference_eps(cfg, net, store, x, t, y, w, s, blur):
+    """SAG + CFG in eps with separate forwards; ``store`` fills with the layer's maps."""
+    yes, no = torch.ones(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.bool)
+    eps_u = net(x, t, y=y, null=yes)
+    mass = store[0].sum(2).mean(1)
+    eps_c = net(x, t, y=y, null=no)
+    side = int(mass.shape[1] ** 0.5)
+    m = F.interpolate((mass.view(len(x), 1, side, side) > 1.0).float(), size=x.shape[-2:], mode="nearest")
+    assert 0 < m.mean() < 1
+    a, b = (c.view(-1, 1, 1, 1) for c in _ab("ddpm", cfg, t))
+    x0 = (x - b * eps_u) / a
+    x_deg = a * (m * gaussian_blur(x0, [blur[0]] * 2, [blur[1]] * 2) + (1 - m) * x0) + b * eps_u
+    return eps_u + w * (eps_c - eps_u) + s * (eps_u - net(x_deg, t, y=y, null=yes))
+
+
+def test_sag_drives_an_unconditional_diffusers_unet_through_ddim():
+    from sgengine.diffusion.samplers import ddim_sample
+    from sgengine.guidance import DiffusersDenoiser
+    unet, cfg = _diffusers_unet(conditional=False), preset("tiny")
+    param = parameterization_for("ddpm", cfg)
+    net, abar = DiffusersDenoiser(unet), torch.cumprod(1 - torch.linspace(cfg.beta_start, cfg.beta_end, cfg.T), 0)
+    x, ts = torch.randn(2, 1, 8, 8), torch.linspace(999, 0, 3)
+    plain = ddim_sample(lambda x, t: net(x, t), x, ts, alphas_cumprod=abar)
+    with SAG(net, param, "mid_block.attentions.0", scale=0.0) as sag:
+        assert torch.equal(ddim_sample(sag, x, ts, alphas_cumprod=abar), plain)
+    with SAG(net, param, "down_blocks.0.attentions.0", scale=0.75, blur=(3, 1.0)) as sag:
+        guided = ddim_sample(sag, x, ts, alphas_cumprod=abar)
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, plain)
+    assert unet.down_blocks[0].attentions[0].processor.__class__.__module__.startswith("diffusers")
+
+
+def test_diffusers_denoiser_names_the_missing_null_condition():
+    from sgengine.guidance import DiffusersDenoiser
+    net = DiffusersDenoiser(_diffusers_unet(conditional=True))
+    x, t, context = torch.randn(2, 1, 8, 8), torch.full((2,), 10.0), torch.randn(2, 3, 6)
+    with pytest.raises(ValueError, match="null_context="):
+        CFG(net, 2.0, y=context)(x, t)
+    with pytest.raises(ValueError, match="pass y="):
+        net(x, t)
 
 
 # --- end to end: train a tiny checkpoint, sample through the CLI -------------------------------

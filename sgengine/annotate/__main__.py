@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TEMI teacher EMA start (paper: 0.996 for ~20k steps; small data sets with a few "
                         "hundred steps in all do better with ~0.95 and --temi-lr 1e-2)")
     p.add_argument("--steps", type=int, default=2000, help="STEGO head training steps")
+    p.add_argument("--crf", action="store_true",
+                   help="refine --method segments per pixel with a dense CRF (STEGO's settings; exact, in PyTorch)")
+    p.add_argument("--crf-iters", type=int, default=10, help="mean-field iterations of --crf")
     p.add_argument("--lost-k", type=int, default=100, help="LOST expansion set size")
     p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch size")
     p.add_argument("--cache", default="auto", help="feature cache folder ('auto': next to --out; 'none': off)")
@@ -93,7 +96,7 @@ def _provides(ext) -> tuple[str, ...]:
     return ("cls", "patches") if isinstance(ext, DiffusionExtractor) else ("cls", "patches", "keys")
 
 
-def make_annotations(args, feats: dict, settings: dict, device: torch.device) -> Annotations:
+def make_annotations(args, feats: dict, settings: dict, device: torch.device, images=None) -> Annotations:
     """Dispatch to the method; every method records its own settings in the file."""
     progress = not args.quiet
     if args.method == "labels":
@@ -108,14 +111,18 @@ def make_annotations(args, feats: dict, settings: dict, device: torch.device) ->
         from .lost import box_annotations
         return box_annotations(feats["cls"], feats["keys"], grid, args.size, args.k, settings,
                                args.lost_k, args.seed, device, progress)
+    from .crf import CRFConfig
     from .stego import StegoConfig, segment_annotations
+    crf = CRFConfig(iters=args.crf_iters) if args.crf else None
     return segment_annotations(feats["patches"], feats["cls"], grid, args.k, args.size, settings,
-                               StegoConfig(steps=args.steps, seed=args.seed), device, progress)
+                               StegoConfig(steps=args.steps, seed=args.seed), device, progress, images, crf)
 
 
 def _check(args, data: ImageData) -> None:
     if args.k < 1 or args.k > len(data):
         raise ValueError(f"--k must be in [1, {len(data)}] (the number of images), got {args.k}")
+    if args.crf and args.method != "segments":
+        raise ValueError("--crf refines segment masks: use it with --method segments")
     if args.labels_metrics and data.labels is None:
         raise ValueError(f"--labels-metrics: {args.data} has no labels (class sub-folders or 'y' in the .npz)")
 
@@ -128,7 +135,7 @@ def run(args) -> tuple[Annotations, dict]:
     feats, ext_settings = features_for(args, data, device)
     settings = {"method": args.method, "features": ext_settings, "data": args.data, "n": len(data),
                 "size": args.size, "seed": args.seed}
-    ann = make_annotations(args, feats, settings, device)
+    ann = make_annotations(args, feats, settings, device, data.images)
     report = cluster_report(ann.ids, ann.k, data.labels)
     ann.settings["report"] = report
     save_annotations(args.out, ann)

@@ -14,7 +14,7 @@ self (x, x) 0.67 / 0.18; k-NN (x, one of its 7 nearest images by global feature)
 random (x, another image of the batch) 0.63 / 0.46.
 Simplifications, documented: no parallel linear branch in the head and no dropout; all patches of
 the grid are used (up to ``max_patches`` random ones, STEGO samples 11 x 11 points); no five-crop
-augmentation; no CRF (pydensecrf is not a dependency: install it and refine the maps yourself).
+augmentation. Optional dense-CRF refinement (``crf.py``, STEGO's constants, exact and in PyTorch).
 After training, spherical k-means of the codes into K segments; masks are one-hot K-channel uint8
 maps at training resolution (nearest upsampling of the patch grid) and the image-level multi-hot
 vector is their spatial max-pool (SPEC section 1, self-segmented).
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .crf import CRFConfig, refine_segments
 from .io import Annotations
 from .kmeans import KMeans
 from .temi import cosine_knn
@@ -139,15 +140,35 @@ def codes_of(head: SegmentationHead, patches: torch.Tensor, batch_size: int = 25
                       for i in range(0, len(patches), batch_size)])
 
 
-def segment_codes(codes: torch.Tensor, k: int, fit_rows: int = 200_000, seed: int = 0, device=None) -> torch.Tensor:
-    """Segment ids (N, P) int64 on CPU: spherical k-means of the codes (fit on at most ``fit_rows``
-    random codes, then every code assigned), on ``device`` (default: CUDA when available)."""
+def fit_segments(codes: torch.Tensor, k: int, fit_rows: int = 200_000, seed: int = 0, device=None) -> KMeans:
+    """Spherical k-means of the codes (N, P, E) into K segments, fit on at most ``fit_rows``
+    random codes, on ``device`` (default: CUDA when available)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    flat = codes.reshape(-1, codes.shape[-1]).to(device)
-    gen = torch.Generator().manual_seed(seed)
-    sample = flat[torch.randperm(len(flat), generator=gen)[:fit_rows].to(device)]
-    km = KMeans(flat.shape[1], k, niter=30, spherical=True, seed=seed).train(sample)
+    flat = codes.reshape(-1, codes.shape[-1])
+    sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(seed))[:fit_rows]]
+    return KMeans(flat.shape[1], k, niter=30, spherical=True, seed=seed).train(sample.to(device))
+
+
+def assign_segments(km: KMeans, codes: torch.Tensor) -> torch.Tensor:
+    """Segment ids (N, P) int64 on CPU: every code (N, P, E) assigned to its nearest centroid."""
+    flat = codes.reshape(-1, codes.shape[-1]).to(km.centroids.device)
     return km.assign(flat)[0].view(codes.shape[:2]).long().cpu()
+
+
+def segment_codes(codes: torch.Tensor, k: int, fit_rows: int = 200_000, seed: int = 0, device=None) -> torch.Tensor:
+    """Segment ids (N, P) int64 on CPU: ``fit_segments`` then ``assign_segments``."""
+    return assign_segments(fit_segments(codes, k, fit_rows, seed, device), codes)
+
+
+def segment_probs(codes: torch.Tensor, centroids: torch.Tensor, grid, size: int, alpha: float = 2.0) -> torch.Tensor:
+    """Per-pixel segment probabilities (N, K, size, size) for CRF refinement: codes bilinearly
+    upsampled to the image, L2-normalised, softmax(alpha * cosine to each centroid) (STEGO's
+    cluster probe with alpha = 2)."""
+    h, w = (int(g) for g in grid)
+    c = codes.view(len(codes), h, w, -1).permute(0, 3, 1, 2).float()
+    c = F.normalize(F.interpolate(c, size=(size, size), mode="bilinear", align_corners=False), dim=1)
+    cent = F.normalize(centroids.float().cpu(), dim=1)
+    return torch.softmax(alpha * torch.einsum("nehw,ke->nkhw", c, cent), dim=1)
 
 
 def segment_masks(segments: torch.Tensor, grid: tuple[int, int], k: int, size: int,
@@ -170,11 +191,21 @@ def dominant_segment(layout: torch.Tensor) -> torch.Tensor:
 
 
 def segment_annotations(patches: torch.Tensor, features: torch.Tensor, grid, k: int, size: int, settings: dict,
-                        cfg: StegoConfig = StegoConfig(), device=None, progress: bool = False) -> Annotations:
+                        cfg: StegoConfig = StegoConfig(), device=None, progress: bool = False,
+                        images: torch.Tensor | None = None, crf: CRFConfig | None = None) -> Annotations:
     """Self-segmented guidance (SPEC section 1): one-hot K-channel layout, its multi-hot max-pool as
-    the image-level vector, and the dominant segment as the image's id."""
+    the image-level vector, and the dominant segment as the image's id. With ``crf`` (and the
+    training ``images`` (N, C, size, size) uint8) the segments are refined per pixel by a dense CRF."""
+    if crf is not None and (images is None or tuple(images.shape[-2:]) != (size, size)):
+        raise ValueError(f"CRF refinement needs the images at the training resolution ({size}x{size})")
     head, losses = train_stego(patches, features, cfg, device, progress)
-    segments = segment_codes(codes_of(head, patches), k, seed=cfg.seed, device=device)
-    layout, multi_hot = segment_masks(segments, grid, k, size)
-    info = {"stego": dataclasses.asdict(cfg), "stego_loss_first": losses[0], "stego_loss_last": losses[-1]}
+    codes = codes_of(head, patches)
+    km = fit_segments(codes, k, seed=cfg.seed, device=device)
+    if crf is None:
+        layout, multi_hot = segment_masks(assign_segments(km, codes), grid, k, size)
+    else:
+        probs = segment_probs(codes, km.centroids, grid, size)
+        layout, multi_hot = segment_masks(refine_segments(images, probs, crf, device, progress), (size, size), k, size)
+    info = {"stego": dataclasses.asdict(cfg), "stego_loss_first": losses[0], "stego_loss_last": losses[-1],
+            "crf": None if crf is None else dataclasses.asdict(crf)}
     return Annotations(dominant_segment(layout), k, cond=multi_hot, layout=layout, settings={**settings, **info})

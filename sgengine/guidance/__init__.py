@@ -1,9 +1,10 @@
 """Guidance that composes around a denoiser: CFG, self-attention guidance (SAG) and the pieces SAG
-needs (per-objective parameterisations, attention-mass capture)."""
+needs (per-objective parameterisations, attention-mass capture), for engine networks and diffusers UNets."""
 from .attach import KeyMassCapture, capture_key_mass, list_attention_layers
 from .cfg import CFG
+from .diffusers_unet import DiffusersDenoiser, attach_diffusers, list_diffusers_layers
 from .param import Parameterization, parameterization_for
 from .sag import SAG
 
-__all__ = ["CFG", "SAG", "KeyMassCapture", "capture_key_mass", "list_attention_layers",
-           "Parameterization", "parameterization_for"]
+__all__ = ["CFG", "SAG", "DiffusersDenoiser", "KeyMassCapture", "Parameterization", "attach_diffusers",
+           "capture_key_mass", "list_attention_layers", "list_diffusers_layers", "parameterization_for"]

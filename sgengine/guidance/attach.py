@@ -8,15 +8,15 @@ materialises the map and is stuck with the lowest resolution). After a forward, 
 al., Sec. 4: its mean is 1 for self-attention). Keys that are not image tokens are dropped: the
 U-ViT's time / condition / CLS tokens and the UNet's cross-attention context tokens.
 
-``attach_diffusers(unet, layer)`` does the same for a diffusers UNet2DModel / UNet2DConditionModel
-through an attention processor (``pip install diffusers``; optional).
+A diffusers UNet2DModel / UNet2DConditionModel (wrapped in ``sgengine.guidance.DiffusersDenoiser``)
+is served through an attention processor instead (``sgengine.guidance.diffusers_unet``); both
+functions below dispatch to it, so SAG drives either kind of network the same way.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.attention_key_mass import attention_with_key_mass
@@ -31,8 +31,15 @@ def core_network(net: nn.Module) -> nn.Module:
     return net
 
 
+def _is_diffusers(net: nn.Module) -> bool:
+    return type(core_network(net)).__module__.startswith("diffusers.")
+
+
 def list_attention_layers(net: nn.Module) -> list[str]:
     """Names (in ``core_network(net).named_modules()``) of the attention layers SAG can read."""
+    if _is_diffusers(net):
+        from .diffusers_unet import list_diffusers_layers
+        return list_diffusers_layers(core_network(net))
     return [name for name, m in core_network(net).named_modules() if isinstance(m, MultiHeadAttention)]
 
 
@@ -110,88 +117,12 @@ class KeyMassCapture:
         self.close()
 
 
-def capture_key_mass(net: nn.Module, layer: str, backend: str = "auto") -> KeyMassCapture:
+def capture_key_mass(net: nn.Module, layer: str, backend: str = "auto"):
     """Capture the per-key mass of ``layer`` (a name from ``list_attention_layers(net)``) on every
-    forward until ``close()``; use as ``with capture_key_mass(net, "mid.1.attn") as cap: ...``."""
+    forward until ``close()``; use as ``with capture_key_mass(net, "mid.1.attn") as cap: ...``.
+    A diffusers UNet gets a key-mass attention processor with the same interface."""
+    if _is_diffusers(net):
+        from .diffusers_unet import attach_diffusers
+        return attach_diffusers(core_network(net), layer, backend)
     return KeyMassCapture(net, layer, backend)
 
-
-
-
-class _DiffusersKeyMass:
-    """A diffusers attention processor (self-attention only) running ``attention_with_key_mass``;
-    same ``active`` / ``rows`` / ``mass`` / ``close()`` interface as ``KeyMassCapture``.
-
-    It follows diffusers' ``AttnProcessor2_0`` step for step (spatial norm, group norm, q/k/v
-    projections, q/k norms, output projection, residual, rescale) with SDPA replaced.
-    """
-
-    def __init__(self, module, layer: str, backend: str):
-        self.module, self.layer, self.backend = module, layer, backend
-        self.original = module.processor
-        self.active, self.rows, self.mass, self.grid = True, None, None, None
-        module.set_processor(self)
-
-    def _attend(self, q, k, v):
-        out, mass = _attend_rows(q, k, v, self.rows, F.scaled_dot_product_attention, self.backend)
-        self.mass = _to_grid(mass, self.grid)
-        return out
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        if not self.active:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError(f"{self.layer!r} is a cross-attention or masked layer: SAG reads self-attention; "
-                             "pick a name from list_diffusers_layers(unet)")
-        residual, shape = hidden_states, hidden_states.shape
-        h = attn.spatial_norm(hidden_states, temb) if attn.spatial_norm is not None else hidden_states
-        if h.ndim == 4:
-            self.grid = tuple(h.shape[-2:])
-            h = h.flatten(2).transpose(1, 2)
-        if attn.group_norm is not None:
-            h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
-        q, k, v = _qkv(attn, h)
-        out = self._attend(q, k, v).transpose(1, 2).flatten(2).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        out = out.transpose(1, 2).reshape(shape) if len(shape) == 4 else out
-        out = out + residual if attn.residual_connection else out
-        return out / attn.rescale_output_factor
-
-    def close(self) -> None:
-        self.module.set_processor(self.original)
-
-
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = t.shape
-    return t.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def _qkv(attn, h: torch.Tensor):
-    """(q, k, v) as (B, H, N, D) from tokens h (B, N, C), with the layer's optional q / k norms."""
-    q, k, v = (_heads(proj(h), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    q = attn.norm_q(q) if attn.norm_q is not None else q
-    return q, attn.norm_k(k) if attn.norm_k is not None else k, v
-
-
-def _diffusers_attention():
-    try:
-        from diffusers.models.attention_processor import Attention
-    except ImportError as err:
-        raise ImportError("diffusers support needs the diffusers package: pip install diffusers") from err
-    return Attention
-
-
-def list_diffusers_layers(unet: nn.Module) -> list[str]:
-    """Self-attention layers of a diffusers UNet2DModel / UNet2DConditionModel, by module name."""
-    attention = _diffusers_attention()
-    return [name for name, m in unet.named_modules() if isinstance(m, attention) and not m.is_cross_attention]
-
-
-def attach_diffusers(unet: nn.Module, layer: str, backend: str = "auto") -> _DiffusersKeyMass:
-    """Install a key-mass attention processor on ``layer`` of a diffusers UNet; ``.mass`` is
-    (B, h, w) after each forward, ``.close()`` restores the original processor."""
-    layers = list_diffusers_layers(unet)
-    if layer not in layers:
-        raise KeyError(f"no self-attention layer named {layer!r}; available layers: {layers}")
-    return _DiffusersKeyMass(dict(unet.named_modules())[layer], layer, backend)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import OnlineConfig
 from ..kernels.sinkhorn import sinkhorn
+from ..training.distributed import gather_rows
 
 FEATURES = ("cls", "patches")
 
@@ -94,15 +95,23 @@ class OnlineClustering(nn.Module):
         """(B,) bool: flow times inside (t_low, t_high), where L_SK is computed."""
         return (t > self.cfg.t_low) & (t < self.cfg.t_high)
 
-    def loss(self, features: dict | torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """L_SK over the samples with t in the window; exactly 0 (with a graph) when none is."""
+    def loss(self, features: dict | torch.Tensor, t: torch.Tensor, distributed: bool = True) -> torch.Tensor:
+        """L_SK over the samples with t in the window; exactly 0 (with a graph) when none is.
+
+        Under torch.distributed (and ``distributed``) every rank passes its own rows and gets the
+        L_SK of the rows of ALL ranks: the stop-gradient features are gathered, so the head's BN
+        statistics (as SyncBN), the Sinkhorn equipartition (as SwAV's distributed_sinkhorn) and
+        the gradients of phi and M are those of one process on the global batch, identical on
+        every rank (no gradient all-reduce needed). A collective: every rank must call it.
+        """
         keep = self.in_window(t.to(self.prototypes.weight.device))
         f = features[self.cfg.feature] if isinstance(features, dict) else features
         rows = self.rows(f[keep])
+        rows = gather_rows(rows) if distributed else rows
         if rows.shape[0] < 2:  # BN needs two rows; Sinkhorn of one row is a constant target
             return self.prototypes.weight.sum() * 0.0
         logits = self.logits(rows)
-        q = sinkhorn(logits.detach(), self.cfg.sk_eps, self.cfg.sk_iters)
+        q = sinkhorn(logits.detach(), self.cfg.sk_eps, self.cfg.sk_iters, distributed=False)
         return -(q * F.log_softmax(logits / self.cfg.temperature, dim=1)).sum(1).mean()
 
 

@@ -14,7 +14,12 @@ hook, so optimizer, clipping, EMA, logging and checkpoints stay the base trainer
 
 Patch-level variant (online.feature='patches', needs uvit.patch_cond): every mid-block patch
 token is clustered, and each patch token gets its prototype's embedding (y_patch), with y = 0 on
-the condition token. Single process only for now (see check_online_config).
+the condition token.
+
+Several ranks (torchrun, torch DDP): the network's gradients are averaged by DDP; L_SK is computed
+on the features of all ranks (gathered, see ``OnlineClustering.loss``), so phi and M get the same
+gradient on every rank and stay identical; prototype usage is summed over ranks. DeepSpeed is not
+supported here (check_online_config).
 
 Checkpoints: the base folder plus ``clustering.safetensors`` (head, prototypes, BN statistics;
 written inside the folder before its atomic rename) and ``meta.json["online"]`` with
@@ -51,9 +56,9 @@ def check_online_config(cfg) -> None:
                          "(or --preset uvit-tiny-online)")
     if cfg.condition != "none":
         raise ValueError("online self-guidance makes its own conditions from prototypes: pass --condition none")
-    if cfg.deepspeed or D.dist_info().world > 1:
-        raise ValueError("online self-guidance trains in one process for now (its head and prototypes are not yet "
-                         "synchronised across ranks): drop --deepspeed and run without torchrun")
+    if cfg.deepspeed:
+        raise ValueError("online self-guidance scales out with torch DDP (torchrun without --deepspeed): its head "
+                         "and prototypes live outside the DeepSpeed engine; drop --deepspeed")
     if cfg.online.feature == "patches" and not cfg.uvit.patch_cond:
         raise ValueError("patch-level online self-guidance adds a prototype to every patch token: pass "
                          "--uvit.patch_cond true with --online.feature patches")
@@ -137,6 +142,8 @@ class _Capture:
 
 
 class OnlineTrainer(Trainer):
+    ddp_find_unused = True  # stage 1 trains without conditions: the condition projection is idle
+
     def __init__(self, cfg, log=print):
         check_online_config(cfg)
         super().__init__(cfg, log)
@@ -175,7 +182,7 @@ class OnlineTrainer(Trainer):
         if self.step == self.switch_step and micro == 0:
             self.ema.load_state_dict(self.net.state_dict())  # the switch: EMA restarts from the live net
         ids = prototype_ids(self.ema, self.clustering, x, self.g_dev)
-        self.usage += torch.bincount(ids.cpu().reshape(-1), minlength=self.usage.numel())
+        self.usage += D.sum_over_ranks(torch.bincount(ids.reshape(-1), minlength=self.usage.numel())).cpu()
         drop = torch.rand(x.shape[0], generator=self.g) < self.cfg.online.p_drop
         return x, {**prototype_cond(self.clustering, ids, self.device), "null": drop.to(self.device)}
 
@@ -192,12 +199,15 @@ class OnlineTrainer(Trainer):
         return sk_weight(self.step, self.switch_step, 1.0)
 
     def sk_loss(self, net, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """L_SK on the in-window samples' stop-gradient (no-grad, null-condition) features."""
+        """L_SK on the in-window samples' stop-gradient (no-grad, null-condition) features, over
+        the rows of every rank (``OnlineClustering.loss`` gathers them)."""
         keep = self.clustering.in_window(t)
-        if int(keep.sum()) < 2:  # nothing to cluster (BN needs two rows): L_SK = 0, no forward
-            return self.clustering.loss(x_t.new_zeros(0, self.cfg.uvit.dim), t[keep])
-        with torch.no_grad():
-            _, feats = net(x_t[keep], t[keep], return_features=True)
+        feats = x_t.new_zeros(0, self.cfg.uvit.dim)  # a rank with no in-window sample still joins the gather
+        if bool(keep.any()):
+            # Under DDP the raw network: a no-grad forward that not every rank runs must not sync.
+            fwd = self.net if self.dist.world > 1 else net
+            with torch.no_grad():
+                _, feats = fwd(x_t[keep], t[keep], return_features=True)
         return self.clustering.loss(feats, t[keep])
 
     def train_step(self) -> float:

@@ -88,16 +88,42 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum of a tensor over all ranks (a copy; the input is left as it is)."""
+    value = value.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (n_r, ...) concatenated in rank order, on every rank; n_r may differ
+    (0 included). No gradient flows back through the other ranks' rows."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros(max(counts), *x.shape[1:])
+    padded[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    parts[dist.get_rank()] = x  # this rank's own rows keep their graph
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
-def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """torch DDP: gradients averaged over ranks during backward."""
+def wrap_ddp(net: torch.nn.Module, device: torch.device, find_unused: bool = False) -> torch.nn.Module:
+    """torch DDP: gradients averaged over ranks during backward. ``find_unused``: some parameters
+    take no part in some steps (it costs a graph traversal per step, so only when needed)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
 
 
 def accumulating(wrapped, micro: int, accum: int):

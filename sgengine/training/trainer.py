@@ -120,6 +120,8 @@ class CompileOrEager:
 
 
 class Trainer:
+    ddp_find_unused = False  # every parameter takes part in every step
+
     def __init__(self, cfg: TrainConfig, log=print):
         check_runnable(cfg)
         if cfg.deepspeed and cfg.channels_last:
@@ -186,7 +188,7 @@ class Trainer:
             fused = self.device.type == "cuda"
             self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._warmup)
-            self.fwd = D.wrap_ddp(self.net, self.device) if self.dist.world > 1 else self.net
+            self.fwd = D.wrap_ddp(self.net, self.device, self.ddp_find_unused) if self.dist.world > 1 else self.net
         self._compile()
         self.loss_fn = self.objective.loss
         self.step = 0
