@@ -321,8 +321,7 @@ def _diffusers_materialise(unet, layer, store):
 @pytest.mark.parametrize("layer", ["down_blocks.0.attentions.0.transformer_blocks.0.attn1",
                                    "up_blocks.1.attentions.0.transformer_blocks.0.attn1"])
 def test_sag_with_cfg_on_a_diffusers_unet_equals_the_reference_formula(layer):
-    from sgengine.guidance import DiffusersDenoiser
-    from sgengine.guidance.param import ddpm_param
+    from sgengine.guidance import DiffusersDenoiser, ddpm_param
     unet, cfg = _diffusers_unet(conditional=True), preset("tiny")
     net = DiffusersDenoiser(unet, null_context=torch.zeros(3, 6))
     assert layer in list_attention_layers(net)
