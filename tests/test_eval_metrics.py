@@ -55,6 +55,13 @@ def test_fid_matches_scipy_sqrtm(seed):
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(scipy_fid(mu1, s1, mu2, s2), rel=1e-7, abs=1e-9)
 
 
+def test_fid_matches_clean_fid():
+    cleanfid = pytest.importorskip("cleanfid.fid", reason="clean-fid is optional: pip install sgengine[eval]")
+    rng = np.random.default_rng(7)
+    mu1, mu2, s1, s2 = rng.standard_normal(24), rng.standard_normal(24), random_cov(rng, 24), random_cov(rng, 24)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(cleanfid.frechet_distance(mu1, s1, mu2, s2), rel=1e-6)
+
+
 def test_fid_closed_form_for_singular_diagonal_covariances():
     """Commuting covariances: d^2 = |dmu|^2 + sum (sqrt(a_i) - sqrt(b_i))^2, also with zero variances."""
     a = np.array([0.0, 1.0, 4.0, 0.0, 2.5])
@@ -144,6 +151,14 @@ def test_is_matches_the_original_formula():
     ref_mean, ref_std = openai_inception_score(p, 7)
     assert (mean, std) == pytest.approx((ref_mean, ref_std), rel=1e-9)
     assert 1 < mean < 20
+
+
+def test_is_matches_torch_fidelity():
+    isc = pytest.importorskip("torch_fidelity.metric_isc", reason="torch-fidelity is optional: pip install sgengine[eval]")
+    logits = torch.randn(1000, 1008, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    ref = isc.isc_features_to_metric(logits, splits=10, shuffle=False)
+    mean, std = inception_score(logits.softmax(1), splits=10)
+    assert (mean, std) == pytest.approx((ref[isc.KEY_METRIC_ISC_MEAN], ref[isc.KEY_METRIC_ISC_STD]), rel=1e-9)
 
 
 def test_is_rejects_bad_input():
