@@ -2,10 +2,11 @@
 
 Run: ``python -m pytest benchmarks/bench_train.py --benchmark-only -q``.
 
-Rows (one GPU): in32 at batch 128 and in64 at batch 48, bf16 autocast, eager and
-torch.compile; the diffusers UNet2DModel of the same configuration (when diffusers is
-installed) trained by a plain bf16 + fused AdamW loop, eager and compiled; DeepSpeed
-ZeRO-1 / ZeRO-2 on one GPU (when deepspeed is installed) to show their overhead.
+Rows (one GPU): in32 at batch 128 and in64 at batch 48, bf16 autocast, eager, torch.compile
+and torch.compile with CUDA graphs (mode 'reduce-overhead'); the diffusers UNet2DModel of the
+same configuration (when diffusers is installed) trained by a plain bf16 + fused AdamW loop,
+eager and compiled; DeepSpeed ZeRO-1 / ZeRO-2 on one GPU (when deepspeed is installed) to show
+their overhead.
 extra_info holds img/s, FLOPs per image (FlopCounterMode) and MFU against the bf16 peak.
 Baselines (SPEC section 5, H100, diffusers UNet): 32x32 batch 128: 1735 img/s bf16 eager,
 3123 compiled; 64x64 batch 48: 513 / 904; DeepSpeed bf16 ZeRO-0/1/2: 1222 / 994 / 944.
@@ -27,7 +28,8 @@ from sgengine.training.bench import SYNTHETIC_K, detect_peak, flops_per_image, s
 from sgengine.training.trainer import Trainer
 
 CASES = sizes([("in32", 128), ("in64", 48)], ("tiny", 16))
-COMPILE = [False, True] if ON_GPU else [False]
+# eager, torch.compile, and torch.compile with CUDA graphs (mode 'reduce-overhead')
+COMPILE = ["eager", "default", "reduce-overhead"] if ON_GPU else ["eager"]
 ROUNDS, WARMUP = (30, 5) if ON_GPU else (3, 1)
 
 
@@ -47,13 +49,15 @@ def _run_trainer(benchmark, cfg, provider: str) -> None:
         tr = Trainer(synthetic_config(cfg, Path(tmp)), log=lambda *a, **k: None)
         flops = flops_per_image(tr)
         benchmark.pedantic(timed(tr.train_step), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-        _record(benchmark, tr.global_batch, flops, provider, compile=cfg.compile, bf16=tr._bf16())
+        _record(benchmark, tr.global_batch, flops, provider, compile=cfg.compile and cfg.compile_mode,
+                bf16=tr._bf16())
 
 
-@pytest.mark.parametrize("compile_", COMPILE, ids=lambda c: "compiled" if c else "eager")
+@pytest.mark.parametrize("mode", COMPILE)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
-def test_train_sgengine(benchmark, case, compile_):
-    _run_trainer(benchmark, _cfg(*case, compile=compile_), "sgengine")
+def test_train_sgengine(benchmark, case, mode):
+    compiled = {"compile": True, "compile_mode": mode} if mode != "eager" else {}
+    _run_trainer(benchmark, _cfg(*case, **compiled), "sgengine")
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -104,7 +108,7 @@ def _diffusers_step(cfg, device, compiled: bool):
     return step
 
 
-@pytest.mark.parametrize("compile_", COMPILE, ids=lambda c: "compiled" if c else "eager")
+@pytest.mark.parametrize("compile_", [False, True] if ON_GPU else [False], ids=lambda c: "compiled" if c else "eager")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
 def test_train_diffusers_baseline(benchmark, case, compile_):
     pytest.importorskip("diffusers", reason="the baseline needs diffusers: pip install diffusers")

@@ -15,6 +15,7 @@ from .models.unet import UNET_PRESETS, UNetConfig
 from .models.uvit import UVIT_PRESETS, UViTConfig
 
 CONDITIONS = ("self-labels", "labels", "annotations", "none")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class TrainConfig:
     grad_accum: int = 1  # gradient accumulation steps
     ds_config: str = ""  # user DeepSpeed JSON overriding the generated config
     compile: bool = False  # torch.compile the model (falls back to eager when compile fails)
+    # torch.compile mode: 'reduce-overhead' replays the step's kernels as CUDA graphs (static shapes).
+    compile_mode: str = "default"
     channels_last: bool = False
     resume: bool = False
 
@@ -92,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"arch must be 'unet' or 'uvit', got {self.arch!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.objective not in ("ddpm", "edm", "flow"):
             raise ValueError(f"objective must be 'ddpm', 'edm' or 'flow', got {self.objective!r}")
         if not 0.0 <= self.p_uncond < 1.0:

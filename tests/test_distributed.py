@@ -117,7 +117,7 @@ def test_channels_last_with_deepspeed_names_the_fix(tmp_path):
 
 
 def test_compile_failure_falls_back_to_eager_once(monkeypatch):
-    def broken(module):
+    def broken(module, mode="default"):
         def fn(*a, **k):
             raise RuntimeError("no compiler here")
         return fn
@@ -130,6 +130,15 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once: the second call is silent and eager
         torch.testing.assert_close(fwd(x), net(x))
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode="default": modes.append(mode) or module)
+    Trainer(_cfg(tmp_path / "run", steps=1, compile=True, compile_mode="reduce-overhead")).run()
+    assert modes == ["reduce-overhead"]
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        _cfg(tmp_path / "bad", compile_mode="cudagraphs")
 
 
 def test_bench_reports_throughput_flops_and_mfu():

@@ -1,6 +1,7 @@
 """Training throughput of the real ``Trainer.train_step``: img/s, FLOPs per image, MFU.
 
-    python -m sgengine.training.bench --preset in32 --steps 50 [--compile true] [--batch_size 128]
+    python -m sgengine.training.bench --preset in32 --steps 50 [--compile true [--compile_mode reduce-overhead]]
+        [--batch_size 128]
     python -m sgengine.training.bench --preset in64 --deepspeed true --zero_stage 2
 
 Any TrainConfig flag is accepted. The data are random uint8 images with random labels
@@ -89,7 +90,8 @@ def bench(cfg: TrainConfig, steps: int = 50, peak: float | None = None, warmup: 
         peak = peak or detect_peak(trainer.device)
         return {"img_per_s": img_s, "flops_per_img": flops, "mfu": flops * img_s / peak if peak else None,
                 "peak_flops": peak, "global_batch": trainer.global_batch, "device": str(trainer.device),
-                "bf16": trainer._bf16(), "compile": cfg.compile, "zero_stage": cfg.zero_stage if cfg.deepspeed else None}
+                "bf16": trainer._bf16(), "compile": cfg.compile_mode if cfg.compile else False,
+                "zero_stage": cfg.zero_stage if cfg.deepspeed else None}
 
 
 def main(argv=None) -> int:

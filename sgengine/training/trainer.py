@@ -39,7 +39,8 @@ from .objectives import build_network, make_objective
 # Fields that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"steps", "resume", "out", "log_every", "sample_every", "ckpt_every", "device",
                      "keep_checkpoints", "grid_rows", "grid_cols", "sample_steps", "guidance_w", "sampler",
-                     "eval_every", "eval_n", "eval_ref", "eval_features", "compile", "channels_last"}
+                     "eval_every", "eval_n", "eval_ref", "eval_features", "compile", "compile_mode",
+                     "channels_last"}
 DATA_ON_GPU_FRACTION = 0.25  # keep the uint8 data set on the GPU when it takes at most this much free memory
 
 
@@ -103,9 +104,9 @@ class CompileOrEager:
     compile"; later errors are real and propagate.
     """
 
-    def __init__(self, module: torch.nn.Module, log=print):
+    def __init__(self, module: torch.nn.Module, log=print, mode: str = "default"):
         self.module, self.log, self.first = module, log, True
-        self.fn = torch.compile(module)
+        self.fn = torch.compile(module, mode=mode)
 
     def __call__(self, *args, **kwargs):
         if not self.first:
@@ -204,7 +205,7 @@ class Trainer:
         if self.engine is not None:  # ZeRO's parameter hooks do not survive tracing reliably
             warnings.warn("--compile is ignored under --deepspeed; training eagerly", stacklevel=2)
             return
-        self.fwd = CompileOrEager(self.fwd, self.log)
+        self.fwd = CompileOrEager(self.fwd, self.log, self.cfg.compile_mode)
 
     def _fresh(self) -> None:
         if latest_checkpoint(self.out) is not None:
