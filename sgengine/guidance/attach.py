@@ -21,7 +21,7 @@ from torch import nn
 
 from ..kernels.attention_key_mass import attention_with_key_mass
 from ..models.attention import MultiHeadAttention
-from ..models.uvit import _EXTRAS, UViT
+from ..models.uvit import UViT
 
 
 def core_network(net: nn.Module) -> nn.Module:
