@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data import load_array, load_folder, list_images, to_uint8
 from ..sampling import Generator, sample
+from ..training.distributed import from_main
 from .features import (INCEPTION_NAME, batched_features, batched_features_and_probs, dinov2_extractor,
                        inception_extractor)
 from .frechet import FeatureStats, feature_stats, frechet_from_stats, load_stats, save_stats
@@ -200,7 +201,7 @@ def periodic_eval(trainer) -> dict:
     when the distance is the lowest so far, checkpoint and make ckpt/best point at it. Call it on every
     rank: rank 0 evaluates and decides, and all ranks take the (collective under DeepSpeed) checkpoint."""
     main = getattr(getattr(trainer, "dist", None), "main", True)
-    report = _from_main(_evaluate_and_record(trainer) if main else None)
+    report = from_main(_evaluate_and_record(trainer) if main else None)
     if report["best"]:
         ckpt = trainer.checkpoint()
         if main:
@@ -220,17 +221,6 @@ def _evaluate_and_record(trainer) -> dict:
         fh.write(json.dumps(report) + "\n")
     best = read_best(trainer.out, extractor.name)
     return {**report, "best": best is None or report["frechet_distance"] < best["frechet_distance"]}
-
-
-def _from_main(obj):
-    """Rank 0's value on every rank (a no-op in a single process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def read_best(out: str | os.PathLike, extractor_name: str) -> dict | None:

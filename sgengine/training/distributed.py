@@ -79,29 +79,30 @@ def shard_seed(seed: int, step: int, micro: int, info: DistInfo) -> int:
     return int(np.random.SeedSequence([seed, step, shard]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """The mean of a scalar over all ranks (the loss every rank logs is the global one)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
+def world_size() -> int:
+    """Ranks in the initialised process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """Elementwise sum of a tensor over all ranks (a copy; the input is left as it is)."""
-    value = value.clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Elementwise sum of a tensor over all ranks (a detached copy; the input is left as it is)."""
+    value = value.detach().clone()
+    if world_size() > 1:
         dist.all_reduce(value)
     return value
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (the loss every rank logs is the global one)."""
+    return float(sum_over_ranks(value)) / world_size()
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (n_r, ...) concatenated in rank order, on every rank; n_r may differ
     (0 included). No gradient flows back through the other ranks' rows."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return x
-    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size())]
     dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
     counts = [int(c) for c in counts]
     padded = x.new_zeros(max(counts), *x.shape[1:])
@@ -112,8 +113,17 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
+def from_main(obj):
+    """Rank 0's value of a picklable object, on every rank (a no-op in a single process)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.barrier()
 
 
