@@ -124,3 +124,5 @@ def test_lloyd_iteration(benchmark, provider, shape):
     record(benchmark, provider=provider, N=n, d=d, K=k, dtype=str(dtype), ms=seconds * 1e3,
            tflop_per_s=2 * n * k * d / seconds / 1e12, agreement_with_fp32=agreement,
            peak_gb=peak_gb)
+    if provider == "sgengine-bf16":  # the accuracy target, checked at the benchmark's size
+        assert agreement >= 0.995, f"bf16 assignment agrees with exact fp32 on {agreement:.2%} < 99.5% of rows"

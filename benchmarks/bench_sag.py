@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, ON_GPU, peak_memory, record, sizes, timed
+from conftest import DEVICE, ON_GPU, check_budget, peak_memory, record, sizes, timed
 
 from sgengine.kernels.attention_key_mass import attention_with_key_mass, attention_with_key_mass_ref
 from sgengine.kernels.sag_degrade import sag_degrade, sag_degrade_ref
@@ -53,6 +53,8 @@ def test_attention_key_mass(benchmark, provider, shape):
     q, k, v = (torch.randn(B, HEADS, N, HEAD_DIM, device=DEVICE, dtype=dtype) for _ in range(3))
     fn = timed(ATTN_PROVIDERS[provider])
     _warm_up_or_skip(fn, q, k, v)
+    if provider == "sgengine":
+        _check_attention(benchmark, q[:1], k[:1], v[:1])
     peak_gb = peak_memory(fn, q, k, v)
     benchmark(fn, q, k, v)
     seconds = benchmark.stats.stats.mean
@@ -63,6 +65,17 @@ def test_attention_key_mass(benchmark, provider, shape):
     record(benchmark, provider=provider, B=B, H=HEADS, N=N, D=HEAD_DIM, dtype=str(dtype),
            peak_memory_gb=peak_gb, forward_tflop_per_s=fwd_flop / seconds / 1e12,
            total_tflop_per_s=(fwd_flop + mass_flop) / seconds / 1e12)
+
+
+def _check_attention(benchmark, q, k, v) -> None:
+    """The kernel against the materialised reference in bf16 and in float32 (one sample: the
+    float32 map of N = 16384 takes 8.6 GB)."""
+    got = attention_with_key_mass(q, k, v, backend="triton")
+    low = attention_with_key_mass_ref(q, k, v)
+    truth = attention_with_key_mass_ref(q.float(), k.float(), v.float())
+    del q, k, v
+    for name, i, floor in (("out", 0, 1e-3), ("mass", 1, 1e-5)):
+        check_budget(benchmark, name, got[i], low[i], truth[i], floor)
 
 
 # (B, C, H, W, attention grid side, kernel_size, sigma)
@@ -85,6 +98,15 @@ def _sag_provider(name: str):
 SAG_PROVIDERS = ["sgengine", "torch-chain"] + (["torch-compiled"] if ON_GPU else [])
 
 
+def _check_degrade(benchmark, args) -> None:
+    """The fused kernel against the PyTorch chain in the same dtype and in float32 (first 16)."""
+    tensors, scalars = [t[:16] for t in args[:6]], args[6:]
+    got = sag_degrade(*tensors, *scalars, backend="triton")
+    truth = sag_degrade_ref(*(t.float() for t in tensors), *scalars)
+    floor = torch.finfo(got.dtype).eps * truth.abs().max().item() / 2 + 1e-6  # one rounding of the output
+    check_budget(benchmark, "x_deg", got, sag_degrade_ref(*tensors, *scalars), truth, floor)
+
+
 @pytest.mark.parametrize("dtype", SAG_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SAG_SHAPES,
                          ids=lambda s: "B{}-C{}-{}x{}-attn{}-k{}-s{}".format(*s))
@@ -99,6 +121,8 @@ def test_sag_degrade(benchmark, provider, shape, dtype):
     args = (x_t, x0, eps, mass, a, b, 1.0, kernel_size, sigma)
     fn = timed(_sag_provider(provider))
     fn(*args)
+    if provider == "sgengine":
+        _check_degrade(benchmark, args)
     benchmark(fn, *args)
     # Bytes the op must move, the same for every provider: read x0 and eps, the float32 mass
     # map and a, b; write x_deg once (x_t is not read).

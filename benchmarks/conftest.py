@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors only under the interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from sgengine.kernels._budget import max_err, within_budget  # noqa: E402 - after TRITON_INTERPRET
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
@@ -63,3 +65,11 @@ def record(benchmark, **info) -> None:
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def check_budget(benchmark, name: str, got, ref_low, truth, floor: float) -> None:
+    """The error-budget rule on the device at the benchmark's size (compiled kernels, not the
+    interpreter): recorded as ``<name>_max_err`` / ``<name>_ref_max_err`` and asserted."""
+    err, ref_err = max_err(got, truth), max_err(ref_low, truth)
+    benchmark.extra_info.update({f"{name}_max_err": err, f"{name}_ref_max_err": ref_err})
+    assert within_budget(got, ref_low, truth, floor), f"{name}: error {err:.3g} > 2 x {ref_err:.3g} + {floor:g}"

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
+from sgengine.kernels._budget import max_err, within_budget as budget_ok
 from sgengine.kernels.sag_degrade import _sag_degrade_op, sag_degrade, sag_degrade_ref
 
 BACKENDS = ("torch", "triton")
@@ -39,16 +40,12 @@ def truth(x0, eps, mass, a, b, H, W, threshold, kernel_size, sigma, on=None):
     return a.double().view(B, 1, 1, 1) * x0_bar + b.double().view(B, 1, 1, 1) * eps.double()
 
 
-def max_err(x, ref):
-    return (x.double() - ref).abs().max().item()
-
-
 def within_budget(out, ref, want):
     """Error-budget rule. The floor is half an ulp of the output's dtype at its largest value:
     rounding the output once is unavoidable, and it alone decides the max error of a kernel that
     computes in fp32, while the reference's max may land on a lucky rounding."""
     floor = torch.finfo(out.dtype).eps * want.abs().max().item() / 2
-    return max_err(out, want) <= 2 * max_err(ref, want) + floor + 1e-6
+    return budget_ok(out, ref, want, floor + 1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
