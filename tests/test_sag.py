@@ -377,6 +377,9 @@ def test_diffusers_denoiser_names_the_missing_null_condition():
         CFG(net, 2.0, y=context)(x, t)
     with pytest.raises(ValueError, match="pass y="):
         net(x, t)
+    short = DiffusersDenoiser(net.net, null_context=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="must match the context"):
+        CFG(short, 2.0, y=context)(x, t)
 
 
 # --- end to end: train a tiny checkpoint, sample through the CLI -------------------------------

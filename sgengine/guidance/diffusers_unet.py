@@ -52,8 +52,11 @@ class DiffusersDenoiser(nn.Module):
         if fill is None:
             what = "null_context=<empty-prompt embedding>" if self.cross else "null_label=<the null class id>"
             raise ValueError(f"the unconditional pass needs a null condition: DiffusersDenoiser(unet, {what})")
-        mask = null.view(-1, *([1] * (y.dim() - 1)))
-        return torch.where(mask, torch.as_tensor(fill, dtype=y.dtype, device=y.device), y)
+        fill = torch.as_tensor(fill, dtype=y.dtype, device=y.device)
+        if self.cross and fill.shape[-2:] != y.shape[-2:]:
+            raise ValueError(f"null_context {tuple(fill.shape[-2:])} must match the context's (L, D) = "
+                             f"{tuple(y.shape[-2:])}: encode the empty prompt with the same tokenizer length")
+        return torch.where(null.view(-1, *([1] * (y.dim() - 1))), fill, y)
 
     def forward(self, x, t, y=None, null=None):
         y = self._condition(y, null)
