@@ -11,7 +11,8 @@ The small importable API::
 from .annotate.io import Annotations, load_annotations, save_annotations
 from .annotate.kmeans import KMeans, kmeans
 from .config import PRESETS, TrainConfig, apply_overrides, preset
-from .guidance import SAG, Parameterization, capture_key_mass, list_attention_layers, parameterization_for
+from .guidance import (SAG, DiffusersDenoiser, Parameterization, capture_key_mass, list_attention_layers,
+                       parameterization_for)
 from .guidance.cfg import CFG
 from .models.unet import UNET_PRESETS, UNet, UNetConfig, unet_config
 from .sampling import Generator, load_generator, sample
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Annotations", "load_annotations", "save_annotations", "KMeans", "kmeans",
-    "PRESETS", "TrainConfig", "apply_overrides", "preset", "CFG", "SAG", "Parameterization",
+    "PRESETS", "TrainConfig", "apply_overrides", "preset", "CFG", "SAG", "DiffusersDenoiser", "Parameterization",
     "capture_key_mass", "list_attention_layers", "parameterization_for",
     "UNET_PRESETS", "UNet", "UNetConfig", "unet_config",
     "Generator", "load_generator", "sample", "Trainer",
