@@ -61,3 +61,23 @@ def plot_curve(xs, ys, path: str | os.PathLike, title: str, size=(640, 360)) -> 
         d.text((x1 - 80, y1 + 8), f"step {xs[-1]}", fill="black")
     im.save(path)
     return Path(path)
+
+
+def plot_bars(counts, path: str | os.PathLike, title: str, size=(640, 360)) -> Path:
+    """A bar chart drawn with PIL: one bar per entry of ``counts`` (e.g. images per cluster)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    x0, y0, x1, y1 = 60, 30, size[0] - 20, size[1] - 40
+    d.rectangle([x0, y0, x1, y1], outline="black")
+    d.text((x0, 8), title, fill="black")
+    top = max(float(counts.max()) if counts.size else 0.0, 1.0)
+    width = (x1 - x0) / max(counts.size, 1)
+    for i, c in enumerate(counts):
+        left = x0 + i * width
+        d.rectangle([left + 0.1 * width, y1 - c / top * (y1 - y0), left + 0.9 * width, y1], fill=(31, 119, 180))
+    d.text((4, y0), f"{top:.0f}", fill="black")
+    d.text((4, y1 - 10), "0", fill="black")
+    d.text((x0, y1 + 8), f"{counts.size} bars", fill="black")
+    im.save(path)
+    return Path(path)

@@ -135,6 +135,12 @@ def test_short_run_writes_checkpoint_clustering_grid_and_logs(run_dir):
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     online = [r for r in recs if "sk_loss" in r]
     assert [r["stage"] for r in online] == [1, 2] and all("cluster_nmi" in r and "cluster_used" in r for r in online)
+    for r in online:  # the usage histogram of the held-out batch, consistent with its summary
+        counts = r["cluster_counts"]
+        assert len(counts) == 10 and sum(counts) == 256 and sum(c > 0 for c in counts) == r["cluster_used"]
+    from PIL import Image
+    with Image.open(run_dir / "cluster_usage.png") as im:
+        assert im.size == (640, 360) and len(set(im.getdata())) > 2  # frame, text and bars
 
 
 def test_resume_restores_clustering_usage_and_the_switch(run_dir, tmp_path):

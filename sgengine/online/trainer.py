@@ -40,7 +40,7 @@ from ..training import distributed as D
 from ..training.checkpoint import load_meta, resolve_checkpoint
 from ..training.objectives import run_sampler
 from ..training.trainer import Trainer
-from ..viz import save_grid
+from ..viz import plot_bars, save_grid
 from .clustering import (CLUSTERING_FILE, OnlineClustering, load_clustering, prototype_cond, prototype_ids,
                          save_clustering, sk_weight)
 
@@ -228,12 +228,20 @@ class OnlineTrainer(Trainer):
         return now
 
     def cluster_metrics(self, net) -> dict:
-        """Usage (prototypes used, KL to uniform) and NMI to labels of ``net``'s held-batch assignments."""
+        """Usage (prototypes used, KL to uniform, images per prototype) and NMI to labels of ``net``'s
+        held-batch assignments; the usage histogram also goes to ``cluster_usage.png`` (sorted, so a
+        collapse shows as one tall bar) and to TensorBoard."""
         x = self.data.batch(self.held, self.device)
         ids = prototype_ids(net, self.clustering, x, torch.Generator(self.device).manual_seed(self.cfg.seed))
         labels = self.data.labels[self.held] if self.data.labels is not None and ids.dim() == 1 else None
-        rep = cluster_report(ids.cpu().reshape(-1), self.cfg.online.prototypes, labels)  # patches: balance only
-        return {f"cluster_{k}": v for k, v in rep.items() if k != "k"}
+        ids = ids.cpu().reshape(-1)
+        rep = cluster_report(ids, self.cfg.online.prototypes, labels)  # patches: balance only
+        counts = torch.bincount(ids, minlength=self.cfg.online.prototypes)
+        plot_bars(counts.sort(descending=True).values, self.out / "cluster_usage.png",
+                  f"held-out images per prototype at step {self.step} (sorted)")
+        if self.metrics is not None:
+            self.metrics.histogram("cluster_ids", ids, self.step)
+        return {**{f"cluster_{k}": v for k, v in rep.items() if k != "k"}, "cluster_counts": counts.tolist()}
 
     def _meta(self) -> dict:
         return {**super()._meta(), "online": {"clustering": CLUSTERING_FILE, "usage": self.usage.tolist(),

@@ -38,6 +38,11 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
 
+    def histogram(self, key: str, values, step: int) -> None:
+        """A distribution to TensorBoard, when installed (the JSONL holds the raw values)."""
+        if self.tb is not None:
+            self.tb.add_histogram(key, values, step)
+
     def plot(self, png: Path, key: str = "loss") -> Path | None:
         rows = [r for r in read_jsonl(self.path) if key in r]
         if len(rows) < 2:
