@@ -171,6 +171,17 @@ def segment_probs(codes: torch.Tensor, centroids: torch.Tensor, grid, size: int,
     return torch.softmax(alpha * torch.einsum("nehw,ke->nkhw", c, cent), dim=1)
 
 
+def crf_masks(codes: torch.Tensor, centroids: torch.Tensor, grid, images: torch.Tensor, k: int, crf: CRFConfig,
+              device=None, progress: bool = False, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``segment_masks`` of CRF-refined per-pixel segments, ``chunk`` images at a time (the
+    upsampled codes and probabilities of a whole data set would not fit in memory)."""
+    size, parts = images.shape[-1], []
+    for i in tqdm(range(0, len(codes), chunk), desc="CRF", disable=not progress):
+        probs = segment_probs(codes[i:i + chunk], centroids, grid, size)
+        parts.append(segment_masks(refine_segments(images[i:i + chunk], probs, crf, device), (size, size), k, size))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def segment_masks(segments: torch.Tensor, grid: tuple[int, int], k: int, size: int,
                   batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(one-hot layout (N, K, size, size) uint8 by nearest upsampling of the grid, multi-hot (N, K)
@@ -204,8 +215,7 @@ def segment_annotations(patches: torch.Tensor, features: torch.Tensor, grid, k: 
     if crf is None:
         layout, multi_hot = segment_masks(assign_segments(km, codes), grid, k, size)
     else:
-        probs = segment_probs(codes, km.centroids, grid, size)
-        layout, multi_hot = segment_masks(refine_segments(images, probs, crf, device, progress), (size, size), k, size)
+        layout, multi_hot = crf_masks(codes, km.centroids, grid, images, k, crf, device, progress)
     info = {"stego": dataclasses.asdict(cfg), "stego_loss_first": losses[0], "stego_loss_last": losses[-1],
             "crf": None if crf is None else dataclasses.asdict(crf)}
     return Annotations(dominant_segment(layout), k, cond=multi_hot, layout=layout, settings={**settings, **info})
