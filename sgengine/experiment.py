@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import apply_overrides, preset
 from .data import ImageData, load_data
+from .device import resolve_device
 from .eval.features import batched_features
 from .eval.frechet import FeatureStats, feature_stats
 from .eval.runner import Reference, describe, evaluate_generator, feature_network, metric_name, reference
@@ -99,9 +100,7 @@ def parse_method(spec: str) -> Method:
 # ------------------------------------------------------------------------------ setup
 
 def device_of(cc: CompareConfig) -> torch.device:
-    if cc.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cc.device)
+    return resolve_device(cc.device)
 
 
 def base_config(cc: CompareConfig):

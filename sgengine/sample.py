@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .data import read_image, to_uint8
+from .device import resolve_device
 from .guidance.attach import list_attention_layers
 from .sampling import grid_clusters, load_generator, sample
 from .training.checkpoint import load_meta, resolve_checkpoint
@@ -93,7 +94,7 @@ def _is_online(path) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     try:
         if _is_online(args.ckpt) and not args.list_layers:
             x, ids, rows = _online(args, device)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..data import ImageData, load_data, report_skipped
+from ..device import resolve_device
 from ..eval.cluster import cluster_report, format_report
 from .io import Annotations, save_annotations
 
@@ -63,10 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
-
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def _cache_dir(args) -> Path | None:
@@ -128,7 +125,7 @@ def _check(args, data: ImageData) -> None:
 
 
 def run(args) -> tuple[Annotations, dict]:
-    device = _device(args.device)
+    device = resolve_device(args.device)
     data = load_data(args.data, args.size, args.channels, progress=not args.quiet)
     report_skipped(data)
     _check(args, data)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
+
 UNARY_CLIP = 1e-5  # pydensecrf's unary_from_softmax clip
 KERNEL_ENTRIES = 2**24  # kernel block entries held at once (64 MB in fp32), images batched up to it
 
@@ -120,7 +122,7 @@ def refine_segments(images: torch.Tensor, probs: torch.Tensor, cfg: CRFConfig = 
     uint8 (0..255), probs (N, K, H, W); images go in batches of ~KERNEL_ENTRIES kernel entries."""
     if len(images) != len(probs):
         raise ValueError(f"{len(images)} images but {len(probs)} probability maps")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     n = probs.shape[-2] * probs.shape[-1]
     step = max(1, KERNEL_ENTRIES // (n * n))  # images whose full kernels fit; larger ones stream alone
     out = [_mean_field(images[i:i + step].to(device), probs[i:i + step].to(device), cfg).argmax(1).cpu()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from .pixels import pixel_features
 
 PATCH_DTYPE = torch.float16  # patch-level tensors are N x P x D: half the memory, ample for affinities
@@ -356,7 +357,7 @@ def extract(extractor: nn.Module, images: torch.Tensor, batch_size: int = 64, de
     if path is not None and path.is_file():
         from safetensors.torch import load_file
         return load_file(str(path))
-    extractor.to(device or ("cuda" if torch.cuda.is_available() else _device_of(extractor)))
+    extractor.to(resolve_device(device, _device_of(extractor)))
     out = _run(extractor, images, batch_size, keep, progress)
     if hasattr(extractor, "finish") and (keep is None or "cls" in keep):
         extractor.finish(out, images)

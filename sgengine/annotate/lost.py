@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from .io import Annotations
 from .labels import label_annotations
 
@@ -95,7 +96,7 @@ def lost_boxes(keys: torch.Tensor, grid: tuple[int, int], size: int | tuple[int,
         raise ValueError(f"keys must be (N, P={h}x{w}, D) for grid {grid}, got {tuple(keys.shape)}")
     if k < 1:
         raise ValueError(f"k (the expansion set size) must be >= 1, got {k}")
-    device = device or ("cuda" if torch.cuda.is_available() else keys.device)
+    device = resolve_device(device, keys.device)
     boxes = []
     for i in tqdm(range(0, len(keys), batch_size), desc="LOST", disable=not progress):
         kb = keys[i:i + batch_size].to(device)

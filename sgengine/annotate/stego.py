@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from .crf import CRFConfig, refine_segments
 from .io import Annotations
 from .kmeans import KMeans
@@ -115,7 +116,7 @@ def train_stego(patches: torch.Tensor, global_features: torch.Tensor, cfg: Stego
     if len(patches) < 2 or len(patches) != len(global_features):
         raise ValueError(f"need >= 2 images with one global feature each; got patches {tuple(patches.shape)}, "
                          f"global features {tuple(global_features.shape)}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         head = SegmentationHead(patches.shape[-1], cfg.code_dim).to(device)
@@ -143,7 +144,7 @@ def codes_of(head: SegmentationHead, patches: torch.Tensor, batch_size: int = 25
 def fit_segments(codes: torch.Tensor, k: int, fit_rows: int = 200_000, seed: int = 0, device=None) -> KMeans:
     """Spherical k-means of the codes (N, P, E) into K segments, fit on at most ``fit_rows``
     random codes, on ``device`` (default: CUDA when available)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     flat = codes.reshape(-1, codes.shape[-1])
     sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(seed))[:fit_rows]]
     return KMeans(flat.shape[1], k, niter=30, spherical=True, seed=seed).train(sample.to(device))

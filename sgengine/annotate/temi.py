@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..eval.cluster import balance
+from ..device import resolve_device
 from .io import Annotations
 
 
@@ -184,10 +185,6 @@ class _Trainer:
         return history
 
 
-def _device(device, like: torch.Tensor) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else like.device))
-
-
 def temi_cluster(features: torch.Tensor, clusters: int, epochs: int = 100, cfg: TEMIConfig = TEMIConfig(),
                  knn: torch.Tensor | None = None, device=None, progress: bool = True) -> tuple[torch.Tensor, dict]:
     """TEMI on (N, d) features into ``clusters`` clusters -> (ids (N,) int64 CPU, info).
@@ -199,7 +196,7 @@ def temi_cluster(features: torch.Tensor, clusters: int, epochs: int = 100, cfg: 
         raise ValueError("features contain NaN or Inf; check the extractor or the input images")
     if clusters < 1 or epochs < 1:
         raise ValueError(f"need clusters >= 1 and epochs >= 1, got clusters={clusters}, epochs={epochs}")
-    x = F.normalize(features.float(), dim=1).to(_device(device, features))
+    x = F.normalize(features.float(), dim=1).to(resolve_device(device, features.device))
     nbrs = (cosine_knn(x, cfg.knn) if knn is None else knn).to(x.device)
     run = _Trainer(x, clusters, nbrs, cfg)
     history = run.fit(epochs, progress)
@@ -224,7 +221,7 @@ def cluster_count_bound(features: torch.Tensor, threshold: float = 0.9, c_start:
         raise ValueError(f"need 0 < threshold <= 1, 1 <= c_start <= c_max, tol >= 1; got "
                          f"threshold={threshold}, c_start={c_start}, c_max={c_max}, tol={tol}")
     c_max = min(c_max, len(features))
-    knn = cosine_knn(features.to(_device(device, features)), cfg.knn)
+    knn = cosine_knn(features.to(resolve_device(device, features.device)), cfg.knn)
     table: dict[int, dict] = {}
 
     def good(c: int) -> bool:

@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from ..device import resolve_device
 from .runner import evaluate_images, feature_network, load_images, reference
 
 
@@ -26,7 +25,7 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="inception (default) | dinov2:FILE (FD_DINOv2) | classifier:FILE (not Inception)")
     p.add_argument("--inception-weights", help="local Inception file (else $SGENGINE_INCEPTION_WEIGHTS)")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", type=resolve_device, help="'auto': CUDA when available")
     p.add_argument("--out", help="write the report as JSON here")
     return p
 
@@ -45,7 +44,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", type=resolve_device, help="'auto': CUDA when available")
     return p
 
 

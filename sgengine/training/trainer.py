@@ -28,6 +28,7 @@ from ..annotate.io import Annotations, load_annotations, save_annotations
 from ..annotate.pixels import pixel_features
 from ..config import TrainConfig, check_runnable, from_dict, to_dict
 from ..data import ImageData, load_data, report_skipped
+from ..device import resolve_device
 from ..sampling import Generator, cluster_grid, grid_clusters
 from ..viz import save_grid
 from . import distributed as D, ds  # imports no DeepSpeed until a run asks for it
@@ -47,12 +48,6 @@ DATA_ON_GPU_FRACTION = 0.25  # keep the uint8 data set on the GPU when it takes 
 
 class NonFiniteLoss(FloatingPointError):
     pass
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_conditions(cfg: TrainConfig, data: ImageData, out: Path, log=print) -> Annotations | None:
@@ -129,7 +124,7 @@ class Trainer:
             raise ValueError(ds.CHANNELS_LAST_WITH_DS)
         self.dist = D.dist_info()
         self.log = log if self.dist.main else (lambda *a, **k: None)
-        self.out, self.device = Path(cfg.out), D.local_device(pick_device(cfg.device), self.dist)
+        self.out, self.device = Path(cfg.out), D.local_device(resolve_device(cfg.device), self.dist)
         D.setup(self.device, self.dist, need_group=cfg.deepspeed)
         self.out.mkdir(parents=True, exist_ok=True)
         net_cfg = cfg.uvit if cfg.arch == "uvit" else cfg.model  # the network fixes size and channels
