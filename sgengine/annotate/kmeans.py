@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from sgengine.kernels._backend import resolve_backend
 from sgengine.kernels.kmeans import kmeans_assign
+from sgengine.training.distributed import world_size
 
 BACKENDS = ("auto", "triton", "torch", "faiss")
 _PIECE_ROWS = 64  # first-level segment length: bounds the serial work of one sum
@@ -43,9 +44,8 @@ class _Group:
     """The process group as k-means sees it: world size, rank, this rank's global row offset."""
 
     def __init__(self, n_local: int, device: torch.device):
-        on = dist.is_available() and dist.is_initialized()
-        self.world = dist.get_world_size() if on else 1
-        self.rank = dist.get_rank() if on else 0
+        self.world = world_size()
+        self.rank = dist.get_rank() if self.world > 1 else 0
         sizes = self.all_gather(torch.tensor([n_local], dtype=torch.int64, device=device))
         self.offset = int(sizes[:self.rank].sum())
         self.n_total = int(sizes.sum())

@@ -81,7 +81,7 @@ def shard_seed(seed: int, step: int, micro: int, info: DistInfo) -> int:
 
 def world_size() -> int:
     """Ranks in the initialised process group (1 without one)."""
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
