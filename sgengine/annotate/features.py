@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..device import resolve_device
+from ..training.checkpoint import atomic_write
 from .pixels import pixel_features
 
 PATCH_DTYPE = torch.float16  # patch-level tensors are N x P x D: half the memory, ample for affinities
@@ -371,6 +372,4 @@ def _save_atomic(path: Path, out: dict) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, str(tmp)))

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..training.checkpoint import atomic_write
+
 FORMAT = "sgengine-annotations/1"
 
 
@@ -57,9 +59,7 @@ def save_annotations(path: str | os.PathLike, ann: Annotations) -> None:
     meta = {"format": FORMAT, "k": str(ann.k), "settings": json.dumps(ann.settings)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_annotations(path: str | os.PathLike) -> Annotations:

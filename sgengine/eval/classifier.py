@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import ImageData, load_data
+from ..training.checkpoint import atomic_write
 from .features import to_uint8_rgb
 
 
@@ -117,9 +118,8 @@ def train_classifier(data: str | ImageData, size: int, epochs: int, out_file: st
     meta = {"in_channels": channels, "num_classes": num_classes, "width": width, "size": size,
             "train_acc": acc, "n": len(data), "epochs": epochs}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "meta": meta}, tmp)
-    os.replace(tmp, out)  # atomic: a killed run never leaves a half-written classifier that looks cached
+    state = {"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "meta": meta}
+    atomic_write(out, lambda tmp: torch.save(state, tmp))  # a killed run leaves no half classifier that looks cached
     return out
 
 

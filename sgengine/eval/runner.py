@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data import load_array, load_folder, list_images, to_uint8
 from ..sampling import Generator, sample
+from ..training.checkpoint import atomic_write
 from ..training.distributed import from_main
 from .features import (INCEPTION_NAME, batched_features, batched_features_and_probs, dinov2_extractor,
                        inception_extractor)
@@ -127,13 +128,11 @@ def reference(ref: str | os.PathLike, extractor, batch_size: int = 250, device=N
 def _write_cache(stats_file: Path, feats_file: Path, feats: torch.Tensor, mu, sigma, **meta) -> None:
     """Features first, statistics last, each renamed into place: a killed run leaves no cache that
     looks complete (the statistics file is what ``reference`` looks for)."""
-    tmp = feats_file.with_name(feats_file.name + ".tmp")
-    with open(tmp, "wb") as fh:  # a file object stops numpy from appending '.npy'
-        np.save(fh, feats.numpy())
-    os.replace(tmp, feats_file)
-    tmp = stats_file.with_name(stats_file.name + ".tmp")
-    save_stats(tmp, mu, sigma, **meta)
-    os.replace(tmp, stats_file)
+    def save_feats(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object stops numpy from appending '.npy'
+            np.save(fh, feats.numpy())
+    atomic_write(feats_file, save_feats)
+    atomic_write(stats_file, lambda tmp: save_stats(tmp, mu, sigma, **meta))
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -258,9 +257,8 @@ def promote_best(ckpt: Path, report: dict) -> Path:
         link.unlink()
     os.symlink(staged.name, link)
     os.replace(link, ckdir / "best")
-    tmp = ckdir / "best.json.tmp"
-    tmp.write_text(json.dumps({**report, "checkpoint": str(ckpt)}, indent=1))
-    os.replace(tmp, ckdir / "best.json")
+    best = json.dumps({**report, "checkpoint": str(ckpt)}, indent=1)
+    atomic_write(ckdir / "best.json", lambda tmp: tmp.write_text(best))
     for old in ckdir.glob(".best-*"):
         if old != staged and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)

@@ -11,7 +11,6 @@ its argmax prototype m* = argmax_m m^T z.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..config import OnlineConfig
 from ..kernels.sinkhorn import sinkhorn
+from ..training.checkpoint import atomic_write
 from ..training.distributed import gather_rows
 
 FEATURES = ("cls", "patches")
@@ -124,11 +124,8 @@ def save_clustering(ckpt_dir, module: OnlineClustering) -> Path:
     """Head phi, prototypes M and BN statistics into ``ckpt_dir/clustering.safetensors``, atomically."""
     from safetensors.torch import save_file
 
-    path = Path(ckpt_dir) / CLUSTERING_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    return atomic_write(Path(ckpt_dir) / CLUSTERING_FILE, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_clustering(ckpt_dir, module: OnlineClustering) -> OnlineClustering:

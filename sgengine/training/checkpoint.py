@@ -16,10 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def atomic_write(path, write) -> Path:
+    """Write ``path`` through ``write(tmp)`` on a sibling temporary file, then one rename: readers
+    and resumed runs see the old file or the whole new one, never half of it."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
+    return path
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -47,7 +51,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, ema, state: dict,
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _atomic_text(ckdir / "latest", final.name)
+    atomic_write(ckdir / "latest", lambda tmp: tmp.write_text(final.name))
     _prune(ckdir, keep)
     return final
 
