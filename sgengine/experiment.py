@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .config import apply_overrides, preset
@@ -34,11 +33,9 @@ from .eval.features import batched_features
 from .eval.frechet import FeatureStats, feature_stats
 from .eval.runner import Reference, describe, evaluate_generator, feature_network, metric_name, reference
 from .training.checkpoint import latest_checkpoint
+from .viz import plot_lines
 
 BASE_METHODS = ("none", "labels", "self-labeled")
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-
 
 @dataclass(frozen=True)
 class CompareConfig:
@@ -262,37 +259,6 @@ def markdown_table(summary: dict) -> str:
                      f"| {_fmt(last.get('precision'))} | {_fmt(last.get('recall'))} "
                      f"| {_fmt(r['labels'].get('nmi'))} | {r['train_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def _scale(v, lo, hi, a, b):
-    return a + (np.asarray(v, float) - lo) / max(hi - lo, 1e-12) * (b - a)
-
-
-def plot_lines(series: dict[str, tuple[list, list]], path, title: str, size=(720, 420)) -> Path:
-    """Several named lines on shared axes, drawn with PIL (viz.plot_curve draws one); legend at right."""
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    x0, y0, x1, y1 = 70, 30, size[0] - 170, size[1] - 40
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 8), title[:110], fill="black")
-    xs = np.concatenate([np.asarray(s[0], float) for s in series.values()] or [np.zeros(1)])
-    ys = np.concatenate([np.asarray(s[1], float) for s in series.values()] or [np.zeros(1)])
-    (xlo, xhi), (ylo, yhi) = (xs.min(), xs.max()), (ys.min(), ys.max())
-    for i, (name, (sx, sy)) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        pts = list(zip(_scale(sx, xlo, xhi, x0, x1).tolist(), _scale(sy, ylo, yhi, y1, y0).tolist()))
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        for px, py in pts:
-            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        d.line([x1 + 10, y0 + 10 + 16 * i, x1 + 30, y0 + 10 + 16 * i], fill=color, width=3)
-        d.text((x1 + 35, y0 + 4 + 16 * i), name[:22], fill="black")
-    for v, y in ((yhi, y0), (ylo, y1 - 10)):
-        d.text((4, y), f"{v:.4g}", fill="black")
-    d.text((x0, y1 + 8), f"step {xlo:.0f}", fill="black")
-    d.text((x1 - 70, y1 + 8), f"step {xhi:.0f}", fill="black")
-    im.save(path)
-    return Path(path)
 
 
 # ------------------------------------------------------------------------------ command line

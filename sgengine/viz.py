@@ -10,6 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127)]  # line colours, first for single-series plots
+
 
 def make_grid(images: torch.Tensor, rows: int, pad: int = 1) -> np.ndarray:
     """uint8 (N, C, H, W) -> uint8 (H', W', 3) grid with ``rows`` rows, filled row by row."""
@@ -40,21 +43,27 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def plot_curve(xs, ys, path: str | os.PathLike, title: str, size=(640, 360)) -> Path:
-    """A line plot drawn with PIL (no plotting dependency), log-scaled y when positive."""
+def _canvas(size, title: str, left: int = 60, right: int = 20):
+    """A white image with the plot frame and the title: (image, draw, frame box (x0, y0, x1, y1))."""
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
+    box = (left, 30, size[0] - right, size[1] - 40)
+    d.rectangle(list(box), outline="black")
+    d.text((left, 8), title, fill="black")
+    return im, d, box
+
+
+def plot_curve(xs, ys, path: str | os.PathLike, title: str, size=(640, 360)) -> Path:
+    """A line plot drawn with PIL (no plotting dependency), log-scaled y when positive."""
     ys = np.asarray(ys, dtype=np.float64)
     logy = bool(len(ys) and (ys > 0).all())
     v = np.log10(ys) if logy else ys
-    x0, y0, x1, y1 = 60, 30, size[0] - 20, size[1] - 40
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 8), f"{title}{' (log10)' if logy else ''}", fill="black")
+    im, d, (x0, y0, x1, y1) = _canvas(size, f"{title}{' (log10)' if logy else ''}")
     if len(v) > 1 and np.isfinite(v).all():
         lo, hi = float(v.min()), float(v.max()) + 1e-12
         px = x0 + (np.asarray(xs, float) - xs[0]) / max(xs[-1] - xs[0], 1) * (x1 - x0)
         py = y1 - (v - lo) / (hi - lo) * (y1 - y0)
-        d.line(list(zip(px.tolist(), py.tolist())), fill=(31, 119, 180), width=2)
+        d.line(list(zip(px.tolist(), py.tolist())), fill=PALETTE[0], width=2)
         d.text((4, y0), f"{10**hi if logy else hi:.3g}", fill="black")
         d.text((4, y1 - 10), f"{10**lo if logy else lo:.3g}", fill="black")
         d.text((x0, y1 + 8), f"step {xs[0]}", fill="black")
@@ -66,18 +75,42 @@ def plot_curve(xs, ys, path: str | os.PathLike, title: str, size=(640, 360)) -> 
 def plot_bars(counts, path: str | os.PathLike, title: str, size=(640, 360)) -> Path:
     """A bar chart drawn with PIL: one bar per entry of ``counts`` (e.g. images per cluster)."""
     counts = np.asarray(counts, dtype=np.float64)
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    x0, y0, x1, y1 = 60, 30, size[0] - 20, size[1] - 40
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    d.text((x0, 8), title, fill="black")
+    im, d, (x0, y0, x1, y1) = _canvas(size, title)
     top = max(float(counts.max()) if counts.size else 0.0, 1.0)
     width = (x1 - x0) / max(counts.size, 1)
     for i, c in enumerate(counts):
         left = x0 + i * width
-        d.rectangle([left + 0.1 * width, y1 - c / top * (y1 - y0), left + 0.9 * width, y1], fill=(31, 119, 180))
+        d.rectangle([left + 0.1 * width, y1 - c / top * (y1 - y0), left + 0.9 * width, y1], fill=PALETTE[0])
     d.text((4, y0), f"{top:.0f}", fill="black")
     d.text((4, y1 - 10), "0", fill="black")
     d.text((x0, y1 + 8), f"{counts.size} bars", fill="black")
+    im.save(path)
+    return Path(path)
+
+
+
+def _scale(v, lo, hi, a, b):
+    return a + (np.asarray(v, float) - lo) / max(hi - lo, 1e-12) * (b - a)
+
+
+def plot_lines(series: dict[str, tuple[list, list]], path, title: str, size=(720, 420)) -> Path:
+    """Several named lines on shared axes, drawn with PIL (plot_curve draws one); legend at right."""
+    im, d, (x0, y0, x1, y1) = _canvas(size, title[:110], left=70, right=170)
+    xs = np.concatenate([np.asarray(s[0], float) for s in series.values()] or [np.zeros(1)])
+    ys = np.concatenate([np.asarray(s[1], float) for s in series.values()] or [np.zeros(1)])
+    (xlo, xhi), (ylo, yhi) = (xs.min(), xs.max()), (ys.min(), ys.max())
+    for i, (name, (sx, sy)) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        pts = list(zip(_scale(sx, xlo, xhi, x0, x1).tolist(), _scale(sy, ylo, yhi, y1, y0).tolist()))
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        for px, py in pts:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        d.line([x1 + 10, y0 + 10 + 16 * i, x1 + 30, y0 + 10 + 16 * i], fill=color, width=3)
+        d.text((x1 + 35, y0 + 4 + 16 * i), name[:22], fill="black")
+    for v, y in ((yhi, y0), (ylo, y1 - 10)):
+        d.text((4, y), f"{v:.4g}", fill="black")
+    d.text((x0, y1 + 8), f"step {xlo:.0f}", fill="black")
+    d.text((x1 - 70, y1 + 8), f"step {xhi:.0f}", fill="black")
     im.save(path)
     return Path(path)
