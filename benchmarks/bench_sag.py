@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE, ON_GPU, check_budget, peak_memory, record, sizes, timed
 
+from sgengine.kernels._budget import rounding_floor
 from sgengine.kernels.attention_key_mass import attention_with_key_mass, attention_with_key_mass_ref
 from sgengine.kernels.sag_degrade import sag_degrade, sag_degrade_ref
 
@@ -103,7 +104,7 @@ def _check_degrade(benchmark, args) -> None:
     tensors, scalars = [t[:16] for t in args[:6]], args[6:]
     got = sag_degrade(*tensors, *scalars, backend="triton")
     truth = sag_degrade_ref(*(t.float() for t in tensors), *scalars)
-    floor = torch.finfo(got.dtype).eps * truth.abs().max().item() / 2 + 1e-6  # one rounding of the output
+    floor = rounding_floor(got.dtype, truth) + 1e-6
     check_budget(benchmark, "x_deg", got, sag_degrade_ref(*tensors, *scalars), truth, floor)
 
 

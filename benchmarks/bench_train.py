@@ -49,7 +49,7 @@ def _run_trainer(benchmark, cfg, provider: str) -> None:
         tr = Trainer(synthetic_config(cfg, Path(tmp)), log=lambda *a, **k: None)
         flops = flops_per_image(tr)
         benchmark.pedantic(timed(tr.train_step), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-        _record(benchmark, tr.global_batch, flops, provider, compile=cfg.compile and cfg.compile_mode,
+        _record(benchmark, tr.global_batch, flops, provider, compile=cfg.compile_mode if cfg.compile else False,
                 bf16=tr._bf16())
 
 

@@ -15,6 +15,12 @@ def max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
     return (x.double() - truth.double()).abs().max().item()
 
 
+def rounding_floor(dtype: torch.dtype, truth: torch.Tensor) -> float:
+    """Half an ulp of ``dtype`` at the truth's largest value: one rounding of the output is
+    unavoidable, and it alone decides the error of a kernel that computes in fp32."""
+    return torch.finfo(dtype).eps * truth.abs().max().item() / 2
+
+
 def within_budget(got: torch.Tensor, ref_low: torch.Tensor, truth: torch.Tensor, floor: float) -> bool:
     """max_err(got) <= 2 * max_err(ref_low) + floor."""
     return max_err(got, truth) <= 2 * max_err(ref_low, truth) + floor

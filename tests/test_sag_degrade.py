@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from sgengine.kernels._budget import max_err, within_budget as budget_ok
+from sgengine.kernels._budget import max_err, rounding_floor, within_budget as budget_ok
 from sgengine.kernels.sag_degrade import _sag_degrade_op, sag_degrade, sag_degrade_ref
 
 BACKENDS = ("torch", "triton")
@@ -44,8 +44,7 @@ def within_budget(out, ref, want):
     """Error-budget rule. The floor is half an ulp of the output's dtype at its largest value:
     rounding the output once is unavoidable, and it alone decides the max error of a kernel that
     computes in fp32, while the reference's max may land on a lucky rounding."""
-    floor = torch.finfo(out.dtype).eps * want.abs().max().item() / 2
-    return budget_ok(out, ref, want, floor + 1e-6)
+    return budget_ok(out, ref, want, rounding_floor(out.dtype, want) + 1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
