@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.attention import split_heads
 from .attach import _attend_rows, _to_grid
 
 
@@ -119,14 +120,9 @@ class _DiffusersKeyMass:
         self.close()
 
 
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = t.shape
-    return t.view(b, n, heads, c // heads).transpose(1, 2)
-
-
 def _qkv(attn, h: torch.Tensor):
     """(q, k, v) as (B, H, N, D) from tokens h (B, N, C), with the layer's optional q / k norms."""
-    q, k, v = (_heads(proj(h), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    q, k, v = (split_heads(proj(h), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
     q = attn.norm_q(q) if attn.norm_q is not None else q
     return q, attn.norm_k(k) if attn.norm_k is not None else k, v
 

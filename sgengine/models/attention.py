@@ -43,6 +43,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str | Non
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, C) tokens -> (B, heads, N, C / heads), the layout of the attention function."""
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head (self or cross) attention over token sequences (B, N, C).
 
@@ -60,12 +66,8 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attend = attention
 
-    def _split(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, c = t.shape
-        return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
-
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         ctx = x if context is None else context
         k, v = self.kv(ctx).chunk(2, dim=-1)
-        out = self.attend(self._split(self.q(x)), self._split(k), self._split(v))
+        out = self.attend(*(split_heads(t, self.heads) for t in (self.q(x), k, v)))
         return self.proj(out.transpose(1, 2).reshape(x.shape))
