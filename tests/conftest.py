@@ -4,6 +4,10 @@ import os
 # backend="triton" can run on CPU tensors in tests.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -25,3 +29,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def torchrun(script: str, *args, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run ``tests/<script>`` on two ranks (torchrun, gloo on CPU, one thread each, Triton under
+    the interpreter); fails the test with the tail of both streams unless every rank exits 0."""
+    here = Path(__file__).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(here / script), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(cmd, cwd=here.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc

@@ -6,14 +6,12 @@ losses and EMA weights must agree up to floating-point reduction order.
 """
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
 from sgengine.config import preset
 from sgengine.sampling import load_generator, sample
@@ -22,7 +20,6 @@ from sgengine.training.checkpoint import load_weights
 from sgengine.training.trainer import CompileOrEager, Trainer
 from sgengine.viz import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, B = 4, 8
 try:
     import deepspeed  # noqa: F401
@@ -57,11 +54,7 @@ def _torchrun(out, *flags, timeout=240):
     args = ["--preset", "tiny", "--condition", "labels", "--out", str(out), "--steps", str(STEPS),
             "--batch_size", str(B), "--log_every", "1", "--ckpt_every", "2", "--sample_steps", "2",
             "--grid_rows", "2", "--grid_cols", "1", *flags]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist_train.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun("dist_train.py", *args, timeout=timeout)
     return out
 
 

@@ -8,13 +8,11 @@ inputs to 16 bits causes in the reference, plus a small floor.
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import torchrun
 
 from sgengine.annotate.kmeans import KMeans, _segment_sums, kmeans
 from sgengine.kernels.kmeans import _kmeans_assign_op, kmeans_assign, kmeans_assign_ref
@@ -324,11 +322,7 @@ def test_faiss_backend():
 
 @pytest.mark.distributed
 def test_two_ranks_match_single_rank(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "dist_kmeans.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun("dist_kmeans.py", tmp_path, timeout=120)
     spec = importlib.util.spec_from_file_location("dist_kmeans", HERE / "dist_kmeans.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

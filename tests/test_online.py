@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import torchrun
 
 from sgengine.annotate.io import load_annotations
 from sgengine.config import OnlineConfig, apply_overrides, preset
@@ -238,11 +235,8 @@ def test_sample_cli_refuses_prototypes_on_a_plain_run(tmp_path, capsys):
 def test_two_ranks_cluster_the_global_batch_and_stay_in_sync(tmp_path):
     """tests/dist_online.py: L_SK over two ranks' unequal shares equals one process's on the whole
     batch (loss, phi / M gradients, BN statistics), then a DDP run across the stage switch."""
-    script = Path(__file__).with_name("dist_online.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0 and "dist_online OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = torchrun("dist_online.py", tmp_path, timeout=300)
+    assert "dist_online OK" in proc.stdout, proc.stdout[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for part in ("net", "ema", "clustering"):  # DDP averages the network; phi and M get equal gradients
         for k, v in r0[part].items():

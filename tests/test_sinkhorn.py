@@ -1,17 +1,13 @@
 """Sinkhorn-Knopp codes (kernels/sinkhorn.py) against a literal transcription of SwAV's code."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
+from conftest import torchrun
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import importlib
 
 sk = importlib.import_module("sgengine.kernels.sinkhorn")  # the module: the package exports a function of that name
 from sgengine.kernels.sinkhorn import sinkhorn, sinkhorn_ref
@@ -176,10 +172,5 @@ def test_property_matches_swav(B, K, eps, iters, seed):
 
 @pytest.mark.distributed
 def test_distributed_equals_single_process_on_concatenated_batch():
-    script = Path(__file__).with_name("dist_sinkhorn.py")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script)],
-                          capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun("dist_sinkhorn.py", timeout=120)
     assert "dist_sinkhorn OK" in proc.stdout
