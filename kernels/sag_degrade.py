@@ -156,12 +156,16 @@ def gaussian_kernel1d(kernel_size: int, sigma: float, dtype=torch.float32,
 
 
 def gaussian_blur_ref(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Per-channel separable Gaussian blur of x (B, C, H, W) with reflect padding, in x's dtype."""
+    """Per-channel separable Gaussian blur of x (B, C, H, W) with reflect padding, returned in x's
+    dtype. 16-bit inputs are blurred in fp32 and rounded once: torch 2.14.1's oneDNN never returns
+    from a float16 depthwise conv2d with a 1 x k kernel on the CPU, and one rounding is also the
+    more accurate reference."""
     C, r = x.shape[1], kernel_size // 2
-    g = gaussian_kernel1d(kernel_size, sigma, x.dtype, x.device)
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-    return F.conv2d(x, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    g = gaussian_kernel1d(kernel_size, sigma, work.dtype, x.device)
+    y = F.pad(work, (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    return F.conv2d(y, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C).to(x.dtype)
 
 
 def sag_degrade_ref(x_t, x0, eps, mass, a, b, threshold: float = 1.0, kernel_size: int = 9,
