@@ -70,7 +70,7 @@ def _assign_kernel(X, C, Cnorm, Ids, Dist, N, K, D, stride_x, stride_c,
             x = tl.load(x_rows + d0 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             c = tl.load(c_rows + d0 + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             # UPCAST: the Triton interpreter multiplies bfloat16 operands as raw uint16 bits, so
-            # there they go through fp32 (exact for bf16 products). Inlined rather than _tl._dot:
+            # there they go through fp32 (exact for bf16 products). Inlined rather than _tl.dot_f32:
             # the interpreter re-patches the language on every nested jit call.
             if UPCAST:
                 acc = tl.dot(x.to(tl.float32), tl.trans(c.to(tl.float32)), acc, input_precision="ieee")

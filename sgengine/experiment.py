@@ -32,7 +32,7 @@ from .device import resolve_device
 from .eval.features import batched_features
 from .eval.frechet import FeatureStats, feature_stats
 from .eval.runner import Reference, describe, evaluate_generator, feature_network, metric_name, reference
-from .training.checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint
 from .viz import plot_lines
 
 BASE_METHODS = ("none", "labels", "self-labeled")

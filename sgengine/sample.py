@@ -16,7 +16,7 @@ from .data import read_image, to_uint8
 from .device import resolve_device
 from .guidance.attach import list_attention_layers
 from .sampling import grid_clusters, load_generator, sample
-from .training.checkpoint import load_meta, resolve_checkpoint
+from .checkpoint import load_meta, resolve_checkpoint
 from .viz import save_grid
 
 

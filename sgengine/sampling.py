@@ -12,7 +12,7 @@ from .guidance.attach import list_attention_layers
 from .guidance.cfg import CFG
 from .guidance.param import parameterization_for
 from .guidance.sag import SAG
-from .training.checkpoint import load_meta, load_weights, resolve_checkpoint
+from .checkpoint import load_meta, load_weights, resolve_checkpoint
 from .training.objectives import Objective, build_network, make_objective, run_sampler
 
 

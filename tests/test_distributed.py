@@ -16,7 +16,7 @@ from conftest import torchrun
 from sgengine.config import preset
 from sgengine.sampling import load_generator, sample
 from sgengine.training import distributed as D
-from sgengine.training.checkpoint import load_weights
+from sgengine.checkpoint import load_weights
 from sgengine.training.trainer import CompileOrEager, Trainer
 from sgengine.viz import read_jsonl
 

@@ -11,7 +11,7 @@ from sgengine.eval import runner
 from sgengine.eval.classifier import train_classifier
 from sgengine.experiment import CompareConfig, compare, parse_args, parse_method, plot_lines
 from sgengine.sampling import load_generator
-from sgengine.training.checkpoint import load_meta
+from sgengine.checkpoint import load_meta
 from sgengine.training.trainer import Trainer
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from sgengine.config import parse_args, preset
 from sgengine.sampling import load_generator
-from sgengine.training.checkpoint import latest_checkpoint
+from sgengine.checkpoint import latest_checkpoint
 from sgengine.training.ema import ema_decay, ema_update
 from sgengine.training.trainer import NonFiniteLoss, Trainer
 from sgengine.viz import read_jsonl

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..device import resolve_device
-from ..training.checkpoint import atomic_write
+from ..common.io import atomic_write
 from .pixels import pixel_features
 
 PATCH_DTYPE = torch.float16  # patch-level tensors are N x P x D: half the memory, ample for affinities
@@ -236,7 +236,7 @@ class DiffusionExtractor(nn.Module):
                  seed: int = 0, device: str | torch.device = "cpu"):
         super().__init__()
         from ..sampling import load_generator
-        from ..training.checkpoint import resolve_checkpoint
+        from ..checkpoint import resolve_checkpoint
 
         gen = load_generator(run_dir, device)
         self.net, self.cfg, self.seed = gen.net.requires_grad_(False), gen.cfg, seed

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..training.checkpoint import atomic_write
+from ..common.io import atomic_write
 
 FORMAT = "sgengine-annotations/1"
 

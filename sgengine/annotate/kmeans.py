@@ -30,9 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sgengine.kernels._backend import resolve_backend
-from sgengine.kernels.kmeans import kmeans_assign
-from sgengine.training.distributed import world_size
+from ..common.ranks import world_size
+from ..kernels import kmeans_assign, resolve_backend
 
 BACKENDS = ("auto", "triton", "torch", "faiss")
 _PIECE_ROWS = 64  # first-level segment length: bounds the serial work of one sum

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import ImageData, load_data
-from ..training.checkpoint import atomic_write
+from ..common.io import atomic_write
 from .features import to_uint8_rgb
 
 

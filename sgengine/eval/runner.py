@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from ..data import load_array, load_folder, list_images, to_uint8
 from ..sampling import Generator, sample
-from ..training.checkpoint import atomic_write
-from ..training.distributed import from_main
+from ..common.io import atomic_write
+from ..common.ranks import from_main
 from .features import (INCEPTION_NAME, batched_features, batched_features_and_probs, dinov2_extractor,
                        inception_extractor)
 from .frechet import FeatureStats, feature_stats, frechet_from_stats, load_stats, save_stats
@@ -232,18 +232,21 @@ def read_best(out: str | os.PathLike, extractor_name: str) -> dict | None:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (copy where links are impossible) every file of ``src`` into a new folder ``dst``.
-    Links are safe: checkpoint files are never rewritten in place, and they outlive pruning."""
+    """Hard-link (copy where links are impossible) every file of ``src``, sub-folders included (a
+    DeepSpeed checkpoint holds ``deepspeed/``), into a new folder ``dst``. Links are safe: checkpoint
+    files are never rewritten in place, and they outlive pruning."""
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for f in src.iterdir():
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copy2(f, tmp / f.name)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
 
 
 def promote_best(ckpt: Path, report: dict) -> Path:

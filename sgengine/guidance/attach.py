@@ -14,14 +14,12 @@ functions below dispatch to it, so SAG drives either kind of network the same wa
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from ..kernels.attention_key_mass import attention_with_key_mass
 from ..models.attention import MultiHeadAttention
 from ..models.uvit import UViT
+from .keymass import attend_rows, mass_to_grid
 
 
 def core_network(net: nn.Module) -> nn.Module:
@@ -49,27 +47,6 @@ def _find(net: nn.Module, layer: str) -> MultiHeadAttention:
         raise KeyError(f"no attention layer named {layer!r}; available layers: "
                        f"{list_attention_layers(net)} (list them with --list-layers)")
     return modules[layer]
-
-
-def _to_grid(mass: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
-    """(B, Nk) -> (B, h, w): the last h*w keys are the image tokens (extras come first)."""
-    if grid is None:  # no 4-D input seen: a square grid of every key
-        side = math.isqrt(mass.shape[1])
-        grid = (side, side)
-    h, w = grid
-    if h * w > mass.shape[1]:
-        raise ValueError(f"attention layer has {mass.shape[1]} keys, fewer than its {h}x{w} grid")
-    return mass[:, mass.shape[1] - h * w:].reshape(mass.shape[0], h, w)
-
-
-def _attend_rows(q, k, v, rows: int | None, plain, backend: str):
-    """Attention with the key mass of the first ``rows`` samples only (all when None): the rest
-    (the conditional half of a CFG batch) takes the ``plain`` attention, skipping the mass pass."""
-    n = q.shape[0] if rows is None else min(rows, q.shape[0])
-    out, mass = attention_with_key_mass(q[:n], k[:n], v[:n], backend=backend)
-    if n < q.shape[0]:
-        out = torch.cat([out, plain(q[n:], k[n:], v[n:])])
-    return out, mass
 
 
 class KeyMassCapture:
@@ -100,8 +77,8 @@ class KeyMassCapture:
     def _attend(self, q, k, v):
         if not self.active:
             return self.original(q, k, v)
-        out, mass = _attend_rows(q, k, v, self.rows, self.original, self.backend)
-        self.mass = _to_grid(mass, self.grid)
+        out, mass = attend_rows(q, k, v, self.rows, self.original, self.backend)
+        self.mass = mass_to_grid(mass, self.grid)
         return out
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.attention import split_heads
-from .attach import _attend_rows, _to_grid
+from .keymass import attend_rows, mass_to_grid
 
 
 def _diffusers_attention():
@@ -85,8 +85,8 @@ class _DiffusersKeyMass:
         module.set_processor(self)
 
     def _attend(self, q, k, v):
-        out, mass = _attend_rows(q, k, v, self.rows, F.scaled_dot_product_attention, self.backend)
-        self.mass = _to_grid(mass, self.grid)
+        out, mass = attend_rows(q, k, v, self.rows, F.scaled_dot_product_attention, self.backend)
+        self.mass = mass_to_grid(mass, self.grid)
         return out
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,

@@ -19,8 +19,8 @@ from torch import nn
 
 from ..config import OnlineConfig
 from ..kernels.sinkhorn import sinkhorn
-from ..training.checkpoint import atomic_write
-from ..training.distributed import gather_rows
+from ..common.io import atomic_write
+from ..common.ranks import gather_rows
 
 FEATURES = ("cls", "patches")
 

@@ -36,8 +36,8 @@ from ..data import to_uint8
 from ..eval.cluster import cluster_report
 from ..guidance.cfg import CFG
 from ..sampling import Generator, load_generator
-from ..training import distributed as D
-from ..training.checkpoint import load_meta, resolve_checkpoint
+from ..common import ranks
+from ..checkpoint import load_meta, resolve_checkpoint
 from ..training.objectives import run_sampler
 from ..training.trainer import Trainer
 from ..viz import plot_bars, save_grid
@@ -182,7 +182,7 @@ class OnlineTrainer(Trainer):
         if self.step == self.switch_step and micro == 0:
             self.ema.load_state_dict(self.net.state_dict())  # the switch: EMA restarts from the live net
         ids = prototype_ids(self.ema, self.clustering, x, self.g_dev)
-        self.usage += D.sum_over_ranks(torch.bincount(ids.reshape(-1), minlength=self.usage.numel())).cpu()
+        self.usage += ranks.sum_over_ranks(torch.bincount(ids.reshape(-1), minlength=self.usage.numel())).cpu()
         drop = torch.rand(x.shape[0], generator=self.g) < self.cfg.online.p_drop
         return x, {**prototype_cond(self.clustering, ids, self.device), "null": drop.to(self.device)}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from .distributed import DistInfo, barrier
+from ..common.ranks import DistInfo, barrier
 from .ema import ema_update
 
 DS_TAG = "ds"  # one tag per folder: each checkpoint folder holds exactly one DeepSpeed state

@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from ..annotate.io import Annotations, load_annotations, save_annotations
 from ..annotate.pixels import pixel_features
+from ..checkpoint import latest_checkpoint, load_meta, load_state, load_weights, save_checkpoint
+from ..common import ranks
 from ..config import TrainConfig, check_runnable, from_dict, to_dict
 from ..data import ImageData, load_data, report_skipped
 from ..device import resolve_device
 from ..sampling import Generator, cluster_grid, grid_clusters
 from ..viz import save_grid
 from . import distributed as D, ds  # imports no DeepSpeed until a run asks for it
-from .checkpoint import latest_checkpoint, load_meta, load_state, load_weights, save_checkpoint
 from .ema import ema_decay, ema_update
 from .logger import MetricsLogger
 from .objectives import build_network, make_objective
@@ -122,7 +123,7 @@ class Trainer:
         check_runnable(cfg)
         if cfg.deepspeed and cfg.channels_last:
             raise ValueError(ds.CHANNELS_LAST_WITH_DS)
-        self.dist = D.dist_info()
+        self.dist = ranks.dist_info()
         self.log = log if self.dist.main else (lambda *a, **k: None)
         self.out, self.device = Path(cfg.out), D.local_device(resolve_device(cfg.device), self.dist)
         D.setup(self.device, self.dist, need_group=cfg.deepspeed)
@@ -143,10 +144,10 @@ class Trainer:
     def _conditions(self, cfg: TrainConfig) -> Annotations | None:
         """Rank 0 computes (and caches) self-labels first; the others then read its file."""
         if not self.dist.main:
-            D.barrier()
+            ranks.barrier()
         ann = build_conditions(cfg, self.data, self.out, self.log)
         if self.dist.main:
-            D.barrier()
+            ranks.barrier()
         return ann
 
     def _data_to_device(self) -> None:
@@ -281,7 +282,7 @@ class Trainer:
             with D.accumulating(self.fwd_module, micro, accum):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16()):
                     loss = self.loss_fn(self.fwd, x, generator=self.g_dev, **cond).mean()
-                value = D.mean_over_ranks(loss.detach())  # global: every rank stops together, none hangs
+                value = ranks.mean_over_ranks(loss.detach())  # global: every rank stops together, none hangs
                 if not math.isfinite(value):
                     raise NonFiniteLoss(self._nan_message(value))
                 self._backward(loss)
@@ -382,7 +383,7 @@ class Trainer:
             path = save_checkpoint(self.out, self.step, model, self.ema, state, self._meta(),
                                    self.cfg.keep_checkpoints, extra=lambda tmp: self._extra_files(tmp, stage))
             self.metrics.plot(self.out / "loss.png")
-        D.barrier()
+        ranks.barrier()
         return path
 
     def _extra_files(self, folder: Path, stage: Path | None) -> None:
@@ -414,6 +415,6 @@ class Trainer:
         grid = self.sample_grid() if self.dist.main else self.out / "samples.png"
         if self.metrics is not None:
             self.metrics.close()
-        D.barrier()
+        ranks.barrier()
         return {"checkpoint": ckpt, "grid": grid, "latest_grid": self.out / "samples.png",
                 "metrics": self.out / "metrics.jsonl", "curve": self.out / "loss.png"}

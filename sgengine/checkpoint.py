@@ -4,6 +4,9 @@ Each checkpoint is a folder ``ckpt/step_NNNNNNNN`` written under a temporary nam
 renamed into place when complete; ``ckpt/latest`` names the newest complete one and
 is itself replaced atomically. A run killed at any moment leaves the previous
 checkpoint intact, and ``--resume`` continues from it.
+
+This module sits below training (architecture.md): the sampler, the annotators and the
+evaluator read checkpoints without importing the trainer.
 """
 from __future__ import annotations
 
@@ -15,15 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write(path, write) -> Path:
-    """Write ``path`` through ``write(tmp)`` on a sibling temporary file, then one rename: readers
-    and resumed runs see the old file or the whole new one, never half of it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
+from .common.io import atomic_write
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
