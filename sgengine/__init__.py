@@ -5,6 +5,7 @@ The small importable API::
     import sgengine as sg
     cfg = sg.preset("digits")                      # frozen TrainConfig (papers' tables as presets)
     run = sg.Trainer(cfg).run()                    # checkpoint, sample grid, metrics
+    # (cfg.condition 'self-labels' reads --out/annotations.safetensors: sgengine.train.train(cfg) makes it first)
     gen = sg.load_generator(cfg.out)               # EMA weights + cluster frequencies
     x = sg.sample(gen, clusters=None, n=16, w=2.0) # clusters drawn from the training frequencies
 """

@@ -147,9 +147,21 @@ def method_config(method: Method, cc: CompareConfig, base, data: ImageData, runs
     over = {"out": str(out), "condition": method.condition, "k": num_clusters(cc, base, data)}
     if method.features in ("pixels", "pca"):
         over["pca_dim"] = 0 if method.features == "pixels" else cc.pca_dim
+        pixel_labels(out, over["k"], over["pca_dim"], cc, data)
     elif method.condition == "annotations":
         over["annotations"] = str(external_labels(method, cc, over["k"], data, out, runs))
     return apply_overrides(base, over)
+
+
+def pixel_labels(out: Path, k: int, pca_dim: int, cc: CompareConfig, data: ImageData) -> Path:
+    """The trainer's self-label file (what the train CLI makes), from the data loaded once here."""
+    from .annotate.io import save_annotations
+    from .annotate.labels import pixel_self_labels
+    from .training.trainer import SELF_LABELS_FILE
+
+    path = out / SELF_LABELS_FILE
+    save_annotations(path, pixel_self_labels(data.images, k, pca_dim, cc.seed, cc.data))
+    return path
 
 
 def external_labels(method: Method, cc: CompareConfig, k: int, data: ImageData, out: Path, runs: dict) -> Path:

@@ -2,13 +2,23 @@
 
 With no arguments it trains self-labeled guidance on scikit-learn's digits on the CPU
 in a few minutes and prints where the checkpoint, sample grid and metrics are.
+
+The CLI orchestrates (architecture.md): it checks every output location, makes the self-labels
+(k-means on pixel features) once, and then hands the annotation file to the trainer, which
+never calls annotate itself. Under torchrun only rank 0 clusters, before any process group
+exists, so k-means runs as one process with no collective; the other ranks wait in the process
+group's rendezvous and read the finished file.
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from .config import parse_args
-from .training.trainer import NonFiniteLoss, Trainer
+from .common.paths import check_writable
+from .common.ranks import dist_info, world_size
+from .config import TrainConfig, parse_args
+from .data import load_data
+from .training.trainer import SELF_LABELS_FILE, NonFiniteLoss, Trainer
 
 
 def _trainer_class(cfg):
@@ -19,15 +29,56 @@ def _trainer_class(cfg):
     return Trainer
 
 
+def check_outputs(cfg: TrainConfig) -> None:
+    """Every location the run writes, checked before data loading, k-means or training (rank 0 writes)."""
+    if not dist_info().main:
+        return
+    out, fix = Path(cfg.out), "choose another --out"
+    check_writable(out, "--out", fix)
+    for sub in ("ckpt", "samples"):
+        check_writable(out / sub, f"--out's {sub}/ folder", fix)
+    if cfg.condition == "self-labels":
+        check_writable(out / SELF_LABELS_FILE, "the self-label file", fix, folder=False)
+
+
+def self_labels(cfg: TrainConfig, log=print) -> Path | None:
+    """Make ``--out/annotations.safetensors`` for a self-labels run (once; kept for resumption): k-means
+    (K = cfg.k, 30 iterations) on pixel features, PCA-projected when cfg.pca_dim. Rank 0 only."""
+    if cfg.condition != "self-labels":
+        return None
+    path = Path(cfg.out) / SELF_LABELS_FILE
+    if path.is_file() or not dist_info().main:
+        return path
+    if world_size() > 1:  # k-means would be a collective that only this rank joins
+        raise RuntimeError("make the self-labels before the process group starts (sgengine.train.self_labels)")
+    from .annotate.io import save_annotations
+    from .annotate.labels import pixel_self_labels
+
+    net = cfg.uvit if cfg.arch == "uvit" else cfg.model
+    data = load_data(cfg.data, net.img_size, net.in_channels)
+    save_annotations(path, pixel_self_labels(data.images, cfg.k, cfg.pca_dim, cfg.seed, cfg.data))
+    features = f"PCA-{cfg.pca_dim} of pixels" if cfg.pca_dim else "pixels"
+    log(f"self-labels: k-means (K={cfg.k}) on {features} of {len(data)} images -> {path}")
+    return path
+
+
+def train(cfg: TrainConfig, log=print) -> tuple[Trainer, dict]:
+    """The whole run as the CLI does it: output checks, self-labels, training. Returns the trainer
+    and its outputs (checkpoint, grid, metrics)."""
+    check_outputs(cfg)
+    self_labels(cfg, log)
+    trainer = _trainer_class(cfg)(cfg, log=log)  # reads --out/annotations.safetensors for self-labels
+    return trainer, trainer.run()
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
-        trainer = _trainer_class(cfg)(cfg)
-        out = trainer.run()
+        trainer, out = train(cfg)
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as err:
+    except (ValueError, OSError, KeyError, ImportError) as err:  # OSError: missing, existing, unwritable files
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not trainer.dist.main:

@@ -8,6 +8,7 @@ from PIL import Image
 from sgengine.annotate.io import Annotations, load_annotations, save_annotations
 from sgengine.config import preset
 from sgengine.data import load_array, load_data, load_digits, load_folder
+from sgengine.train import self_labels
 from sgengine.training.trainer import Trainer
 
 
@@ -75,6 +76,9 @@ def test_trainer_self_labels_cluster_without_labels(tmp_path):
     from sklearn.metrics import normalized_mutual_info_score
 
     cfg = dataclasses.replace(preset("tiny"), out=str(tmp_path / "run"), steps=2, k=10, pca_dim=0)
+    with pytest.raises(FileNotFoundError, match="self-labels .* are not made yet"):
+        Trainer(cfg)  # the trainer never clusters: the train CLI makes the file first
+    self_labels(cfg)
     tr = Trainer(cfg)
     ann = load_annotations(tmp_path / "run" / "annotations.safetensors")
     assert tr.cfg.model.num_classes == 10 and len(ann) == 1797

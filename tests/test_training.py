@@ -62,12 +62,13 @@ def test_resume_reaches_the_same_parameters(tmp_path):
     assert steps == sorted(set(steps))  # no duplicated records after the resume
 
 
-def test_existing_run_needs_resume_and_same_config(tmp_path):
+def test_existing_run_needs_resume_and_the_same_model_and_data(tmp_path):
     Trainer(_cfg(tmp_path, steps=2, ckpt_every=2)).run()
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(_cfg(tmp_path, steps=4))
-    with pytest.raises(ValueError, match="lr changed"):
-        Trainer(_cfg(tmp_path, steps=4, lr=0.5, resume=True))
+    with pytest.raises(ValueError, match=r"different model or data \(--hflip False -> True, --model.channels 16 -> 8\)"):
+        Trainer(_cfg(tmp_path, steps=4, hflip=True, model=dataclasses.replace(preset("tiny").model, channels=8),
+                     resume=True))
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from .io import Annotations
 from .kmeans import KMeans
+from .pixels import pixel_features
 
 
 def self_label(features: torch.Tensor, k: int, niter: int = 30, seed: int = 0,
@@ -23,3 +24,12 @@ def label_annotations(features: torch.Tensor, k: int, settings: dict, **kw) -> A
     ids, km = self_label(features, k, **kw)
     objective = float(km.objective[-1]) if km.objective else float("nan")
     return Annotations(ids, k, settings={**settings, "k": k, "kmeans_objective": objective, **kw})
+
+
+def pixel_self_labels(images: torch.Tensor, k: int, pca_dim: int = 0, seed: int = 0, data: str = "") -> Annotations:
+    """Self-labels of uint8 images (N, C, H, W) by k-means (30 iterations) on their pixels, or on the
+    pixels' PCA projection when ``pca_dim`` > 0: the train CLI's in-process self-labels."""
+    feats = pixel_features(images, pca_dim or None)
+    settings = {"method": "labels", "features": f"pca{pca_dim}" if pca_dim else "pixels", "data": data,
+                "n": len(images)}
+    return label_annotations(feats, k, settings, niter=30, seed=seed)

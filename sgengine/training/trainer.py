@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..annotate.io import Annotations, load_annotations, save_annotations
-from ..annotate.pixels import pixel_features
-from ..checkpoint import latest_checkpoint, load_meta, load_state, load_weights, save_checkpoint
+from ..annotate.io import Annotations, load_annotations
+from ..checkpoint import latest_checkpoint, load_meta, load_state, load_weights, save_checkpoint, step_folders
 from ..common import ranks
 from ..config import TrainConfig, check_runnable, from_dict, to_dict
 from ..data import ImageData, load_data, report_skipped
@@ -37,22 +36,23 @@ from . import distributed as D, ds  # imports no DeepSpeed until a run asks for 
 from .ema import ema_decay, ema_update
 from .logger import MetricsLogger
 from .objectives import build_network, make_objective
+from .resume import apply_optimiser_settings, config_changes, describe_changes, nonfinite_counts, resume_point
 
-# Fields that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"steps", "resume", "out", "log_every", "sample_every", "ckpt_every", "device",
-                     "keep_checkpoints", "grid_rows", "grid_cols", "sample_steps", "guidance_w", "sampler",
-                     "eval_every", "eval_n", "eval_ref", "eval_features", "compile", "compile_mode",
-                     "channels_last"}
+SELF_LABELS_FILE = "annotations.safetensors"  # in --out; written by the train CLI (sgengine/train.py)
 DATA_ON_GPU_FRACTION = 0.25  # keep the uint8 data set on the GPU when it takes at most this much free memory
 
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """The loss or the weights became NaN/Inf; the message names the last good checkpoint."""
 
 
-def build_conditions(cfg: TrainConfig, data: ImageData, out: Path, log=print) -> Annotations | None:
-    """The guidance signal for every training image, per ``cfg.condition``."""
+NAN_ADVICE = "Lower --lr, keep --grad_clip > 0 or check the data for NaN, then continue with --resume"
+
+
+def build_conditions(cfg: TrainConfig, data: ImageData, out: Path, annotations=None) -> Annotations | None:
+    """The guidance signal for every training image, per ``cfg.condition``. Self-labels are read from
+    ``annotations`` or ``out/annotations.safetensors``: the train CLI makes that file before training."""
     if cfg.condition == "none":
         return None
     if cfg.condition == "labels":
@@ -61,21 +61,11 @@ def build_conditions(cfg: TrainConfig, data: ImageData, out: Path, log=print) ->
         return Annotations(data.labels, int(data.labels.max()) + 1, settings={"method": "ground-truth labels"})
     if cfg.condition == "annotations":
         return load_annotations(cfg.annotations)
-    return _self_labels(cfg, data, out / "annotations.safetensors", log)
-
-
-def _self_labels(cfg: TrainConfig, data: ImageData, path: Path, log) -> Annotations:
-    if path.exists():
-        return load_annotations(path)
-    from ..annotate.labels import label_annotations  # k-means loads only when self-labelling
-
-    feats = pixel_features(data.images, cfg.pca_dim or None)
-    settings = {"method": "labels", "features": f"pca{cfg.pca_dim}" if cfg.pca_dim else "pixels",
-                "data": cfg.data, "n": len(data)}
-    ann = label_annotations(feats, cfg.k, settings, niter=30, seed=cfg.seed)
-    save_annotations(path, ann)
-    log(f"self-labels: k-means (K={cfg.k}) on {settings['features']} of {len(data)} images -> {path}")
-    return ann
+    path = Path(annotations or out / SELF_LABELS_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"self-labels {path} are not made yet: start training with `python -m "
+                                "sgengine.train` (or sgengine.train.train(cfg)), which makes them first")
+    return load_annotations(path)
 
 
 def resolve_model(cfg: TrainConfig, ann: Annotations | None, data: ImageData) -> TrainConfig:
@@ -119,7 +109,8 @@ class CompileOrEager:
 class Trainer:
     ddp_find_unused = False  # every parameter takes part in every step
 
-    def __init__(self, cfg: TrainConfig, log=print):
+    def __init__(self, cfg: TrainConfig, log=print, annotations=None):
+        """``annotations``: the self-labels file of a ``self-labels`` run (default: out/annotations.safetensors)."""
         check_runnable(cfg)
         if cfg.deepspeed and cfg.channels_last:
             raise ValueError(ds.CHANNELS_LAST_WITH_DS)
@@ -131,7 +122,7 @@ class Trainer:
         net_cfg = cfg.uvit if cfg.arch == "uvit" else cfg.model  # the network fixes size and channels
         self.data = load_data(cfg.data, net_cfg.img_size, net_cfg.in_channels, progress=self.dist.main)
         report_skipped(self.data, self.log)
-        self.ann = self._conditions(cfg)
+        self.ann = build_conditions(cfg, self.data, self.out, annotations)
         if self.ann is not None and len(self.ann) != len(self.data):
             raise ValueError(f"annotation file has {len(self.ann)} entries but {cfg.data} has {len(self.data)} images; "
                              "annotate this exact data with `python -m sgengine.annotate`")
@@ -140,15 +131,6 @@ class Trainer:
         self._build()
         self.resumed_from = self._resume() if cfg.resume else self._fresh()
         self.metrics = MetricsLogger(self.out, self.step if self.resumed_from else None) if self.dist.main else None
-
-    def _conditions(self, cfg: TrainConfig) -> Annotations | None:
-        """Rank 0 computes (and caches) self-labels first; the others then read its file."""
-        if not self.dist.main:
-            ranks.barrier()
-        ann = build_conditions(cfg, self.data, self.out, self.log)
-        if self.dist.main:
-            ranks.barrier()
-        return ann
 
     def _data_to_device(self) -> None:
         """uint8 images on the GPU when they fit: batches are then gathered without host copies."""
@@ -204,17 +186,17 @@ class Trainer:
         self.fwd = CompileOrEager(self.fwd, self.log, self.cfg.compile_mode)
 
     def _fresh(self) -> None:
-        if latest_checkpoint(self.out) is not None:
+        if step_folders(self.out):
             raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it, "
                                   "or choose another --out")
         return None
 
     def _resume(self) -> Path | None:
-        ckpt = latest_checkpoint(self.out)
+        ckpt = resume_point(self.out, self.log)
         if ckpt is None:
             self.log(f"--resume: no checkpoint in {self.out} yet; starting from step 0")
             return None
-        self._check_same_run(load_meta(ckpt)["config"])
+        changes = self._check_same_run(load_meta(ckpt)["config"])
         self.ema.load_state_dict(load_weights(ckpt, "ema"))
         st = load_state(ckpt)
         if self.engine is not None:
@@ -223,6 +205,9 @@ class Trainer:
             self.net.load_state_dict(load_weights(ckpt, "model"))
             self.opt.load_state_dict(st["optimizer"])
             self.sched.load_state_dict(st["scheduler"])
+        if changes:
+            apply_optimiser_settings(self.opt, self.sched, self.cfg.lr, self.cfg.weight_decay)
+            self.log(f"--resume: optimiser settings changed: {describe_changes(changes)}")
         self.step = st["step"]
         self.g.set_state(st["rng_cpu"])
         self.g_dev.set_state(st["rng_dev"])
@@ -230,12 +215,9 @@ class Trainer:
         self.log(f"resumed from {ckpt} at step {self.step}")
         return ckpt
 
-    def _check_same_run(self, saved: dict) -> None:
-        now, saved = to_dict(self.cfg), to_dict(from_dict(saved))  # JSON turned tuples into lists
-        diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-        if diff:
-            raise ValueError(f"--resume with a different configuration ({', '.join(diff)} changed); "
-                             "use the original settings or a new --out")
+    def _check_same_run(self, saved: dict) -> dict:
+        """The optimiser settings that changed; raises on any other change (training/resume.py)."""
+        return config_changes(to_dict(from_dict(saved)), to_dict(self.cfg))  # JSON turned tuples into lists
 
     # -- one step -------------------------------------------------------------------------
     @property
@@ -325,10 +307,11 @@ class Trainer:
         return self.cfg.bf16 and self.device.type == "cuda"
 
     def _nan_message(self, value: float) -> str:
+        return f"loss became {value} at step {self.step + 1}; {self._last_good()}. {NAN_ADVICE}"
+
+    def _last_good(self) -> str:
         last = latest_checkpoint(self.out)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return (f"loss became {value} at step {self.step + 1}; {where}. Lower --lr, keep --grad_clip > 0 "
-                "or check the data for NaN, then continue with --resume.")
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -373,9 +356,11 @@ class Trainer:
         """Collective under DeepSpeed (every rank holds a shard); rank 0 writes the folder."""
         state = {"step": self.step, "rng_cpu": self.g.get_state(), "rng_dev": self.g_dev.get_state(),
                  "rng_torch": torch.get_rng_state()}
-        model, stage = self.net, None
+        model = ds.consolidated(self.engine) if self.engine is not None else self.net
+        self._check_finite(model)
+        stage = None
         if self.engine is not None:
-            model, stage = ds.consolidated(self.engine), ds.save_engine(self.engine, self.out, self.step, self.dist)
+            stage = ds.save_engine(self.engine, self.out, self.step, self.dist)
         else:
             state.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict())
         path = self.out / "ckpt" / f"step_{self.step:08d}"
@@ -385,6 +370,15 @@ class Trainer:
             self.metrics.plot(self.out / "loss.png")
         ranks.barrier()
         return path
+
+    def _check_finite(self, model) -> None:
+        """Non-finite weights are never written: the last checkpoint stays the last good one."""
+        bad = ranks.from_main(nonfinite_counts(model=model.state_dict(), EMA=self.ema.state_dict())
+                              if self.dist.main else None)
+        if bad:
+            counts = " and ".join(f"{n} in the {name}" for name, n in bad.items())
+            raise NonFiniteLoss(f"the weights became non-finite by step {self.step} ({counts} non-finite values); "
+                                f"nothing was saved, {self._last_good()}. {NAN_ADVICE}")
 
     def _extra_files(self, folder: Path, stage: Path | None) -> None:
         """Files written inside the checkpoint before its atomic rename; subclasses add theirs."""
