@@ -82,10 +82,16 @@ def _online(args, device) -> tuple[torch.Tensor, torch.Tensor, int]:
         print(f"exemplar {args.like}: prototype {pid if isinstance(pid, int) else pid.tolist()}")
         protos = [pid] if isinstance(pid, int) else None
         ids = torch.tensor(protos).repeat(args.n) if protos else pid[None].expand(args.n, -1)
-        return sample_prototypes(gen, ids, args.w, args.steps, args.sampler, args.seed, True), ids, 1
+        return sample_prototypes(gen, ids, args.w, args.steps, args.sampler, args.seed, True, **_sag(args)), ids, 1
     rows = args.prototypes or top_prototypes(gen, 8)
     ids = torch.tensor(rows).repeat_interleave(max(1, args.n // len(rows)))
-    return sample_prototypes(gen, ids, args.w, args.steps, args.sampler, args.seed, True), ids, len(rows)
+    return sample_prototypes(gen, ids, args.w, args.steps, args.sampler, args.seed, True, **_sag(args)), ids, len(rows)
+
+
+def _sag(args) -> dict:
+    """The self-attention guidance options, the same for every kind of checkpoint."""
+    return {"sag_scale": args.sag_scale, "sag_layer": args.sag_layer, "sag_threshold": args.sag_threshold,
+            "sag_blur": args.sag_blur, "sag_window": args.sag_window}
 
 
 def _is_online(path) -> bool:
@@ -107,11 +113,10 @@ def main(argv=None) -> int:
             return 0
         ids, rows = _rows(gen, args)
         x = sample(gen, ids, args.n if ids is None else len(ids), w=args.w, steps=args.steps,
-                   sampler=args.sampler, seed=args.seed, progress=True, sag_scale=args.sag_scale,
-                   sag_layer=args.sag_layer, sag_threshold=args.sag_threshold, sag_blur=args.sag_blur,
-                   sag_window=args.sag_window)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
+                   sampler=args.sampler, seed=args.seed, progress=True, **_sag(args))
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+        hint = " (list them with --list-layers)" if isinstance(err, KeyError) else ""
+        print(f"error: {err.args[0] if err.args else err}{hint}", file=sys.stderr)
         return 2
     return _write(x, ids, rows, args.out)
 

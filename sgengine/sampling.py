@@ -1,35 +1,73 @@
-"""Sampling API: load a checkpoint's EMA model and draw cluster-conditioned samples."""
+"""Sampling API: a model ready to sample (``Generator``) and ``sample`` under CFG / SAG with any sampler.
+
+``load_generator(run)`` reads a checkpoint written by ``sgengine.train``; ``Generator.of(net, param,
+shape, num_classes)`` wraps an outside network (a diffusers UNet in ``DiffusersDenoiser``, or any
+``net(x_t, t, y=None, null=None)``) with no TrainConfig.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import load_meta, load_weights, resolve_checkpoint
 from .config import TrainConfig, from_dict
 from .data import to_uint8
+from .diffusion.objectives import Objective, build_network, make_objective, run_sampler
+from .diffusion.param import Parameterization, parameterization_for
 from .guidance.attach import list_attention_layers
 from .guidance.cfg import CFG
-from .guidance.param import parameterization_for
 from .guidance.sag import SAG
-from .checkpoint import load_meta, load_weights, resolve_checkpoint
-from .training.objectives import Objective, build_network, make_objective, run_sampler
 
 
 @dataclass
 class Generator:
-    """A trained model ready to sample: EMA denoiser, config, cluster frequencies, objective."""
-    net: torch.nn.Module  # the objective-wrapped network (e.g. EDMPrecond(UNet))
-    cfg: TrainConfig
+    """A model ready to sample: native (objective-wrapped) network, its objective, cluster frequencies.
+
+    ``cfg`` is the training config of a checkpoint (None for an outside model, which then gives
+    ``shape`` (C, H, W) and ``num_classes``); ``class_ids`` passes the condition as integer ids
+    (a diffusers class-conditional UNet) instead of one-hot vectors (the engine's networks).
+    """
+    net: torch.nn.Module
+    cfg: TrainConfig | None
     counts: torch.Tensor | None  # empirical cluster counts of the training set (K,)
     objective: Objective
+    shape: tuple[int, int, int] | None = None
+    num_classes: int | None = None
+    class_ids: bool = False
+
+    @classmethod
+    def of(cls, net, param: Parameterization | str, shape, num_classes: int = 0, *, class_ids: bool = True,
+           sampler: str = "ddim", clip_x0: bool = False, counts: torch.Tensor | None = None) -> "Generator":
+        """An outside network ``net(x_t, t, y=None, null=None)`` predicting ``param`` ('ddpm' / 'v' /
+        'edm' / 'flow' or a Parameterization, e.g. ``eps_param(scheduler.alphas_cumprod)``)."""
+        param = parameterization_for(param) if isinstance(param, str) else param
+        if len(tuple(shape)) != 3:
+            raise ValueError(f"shape must be (channels, height, width), got {shape}")
+        obj = Objective(param.name, None, lambda n: n, param, sampler, clip_x0)
+        return cls(net, None, counts, obj, tuple(int(v) for v in shape), int(num_classes), class_ids)
 
     @property
     def k(self) -> int:
-        """Size of the condition vector (0: unconditional)."""
+        """Number of classes / size of the condition vector (0: unconditional)."""
+        if self.num_classes is not None:
+            return self.num_classes
         if self.cfg.arch == "uvit":
             return self.cfg.uvit.cond_dim or 0
         return self.cfg.model.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        if self.shape is not None:
+            return self.shape
+        m = self.cfg.uvit if self.cfg.arch == "uvit" else self.cfg.model
+        return (m.in_channels, m.img_size, m.img_size)
+
+    @property
+    def param(self) -> Parameterization:
+        return self.objective.param
 
     @property
     def device(self) -> torch.device:
@@ -53,34 +91,63 @@ def draw_clusters(counts: torch.Tensor, n: int, generator: torch.Generator | Non
     return torch.multinomial(counts.double(), n, replacement=True, generator=generator)
 
 
-def sample(gen: Generator, clusters: torch.Tensor | None, n: int | None = None, *, w: float = 2.0,
-           steps: int = 50, sampler: str | None = None, seed: int = 0,
-           layout: torch.Tensor | None = None, progress: bool = False, sag_scale: float = 0.0,
+def sample(gen: Generator, clusters: torch.Tensor | None = None, n: int | None = None, *, w: float = 2.0,
+           steps: int = 50, sampler: str | None = None, seed: int = 0, layout: torch.Tensor | None = None,
+           cond: dict | None = None, progress: bool = False, callback=None, sag_scale: float = 0.0,
            sag_layer: str | None = None, sag_threshold: float = 1.0, sag_blur=(9, 1.0),
            sag_window=None) -> torch.Tensor:
     """Samples as floats in [-1, 1], (n, C, H, W). ``clusters``: ids (n,), or None to draw them.
 
-    ``sag_scale`` > 0 adds self-attention guidance (``sgengine.guidance.sag.SAG``) on top of CFG,
-    reading ``sag_layer`` (default: the mid-block attention; see ``list_attention_layers``);
-    ``sag_window`` = (t_lo, t_hi) in the sampler's time restricts it to those steps.
+    ``sampler``: any name of ``sgengine.diffusion.SAMPLERS`` (None: the objective's default), on the
+    objective's own grid of ``steps`` steps; ``callback`` as in ``sgengine.diffusion.samplers``.
+    ``cond``: condition keywords given directly (e.g. prototype vectors), instead of ``clusters``.
+    ``sag_scale`` > 0 adds self-attention guidance (``sgengine.guidance.SAG``) on top of CFG, reading
+    ``sag_layer`` (default: the mid-block attention; see ``list_attention_layers``); ``sag_window``
+    = (t_lo, t_hi) in the network's own time restricts it to those steps.
     """
     g = torch.Generator().manual_seed(seed)
-    if gen.k and clusters is None:
+    if cond is None:
+        clusters, cond = _condition(gen, clusters, n, layout, g)
+    n = _batch_size(cond, clusters, n)
+    x = torch.randn(n, *gen.image_shape, generator=g).to(gen.device)
+    with guided(gen, w, cond, sag_scale, sag_layer, sag_threshold, sag_blur, sag_window) as denoise:
+        return run_sampler(gen.objective, sampler, denoise, x, steps, generator=g, progress=progress,
+                           callback=callback)
+
+
+def _condition(gen: Generator, clusters, n, layout, g) -> tuple[torch.Tensor | None, dict]:
+    """(cluster ids, condition keywords): ids drawn from the training frequencies when not given."""
+    if not gen.k:
+        return None, {}
+    if clusters is None:
+        if n is None:
+            raise ValueError("pass clusters (ids) or n (the number of samples)")
         clusters = draw_clusters(gen.counts, n, g) if gen.counts is not None else torch.randint(gen.k, (n,), generator=g)
-    n = len(clusters) if clusters is not None else n
-    m = gen.cfg.uvit if gen.cfg.arch == "uvit" else gen.cfg.model
-    x = torch.randn(n, m.in_channels, m.img_size, m.img_size, generator=g).to(gen.device)
-    cond = {}
-    if gen.k:
-        cond["y"] = _one_hot(clusters, gen.k, gen.device)
-        cond["layout"] = None if layout is None else layout.to(gen.device)
+    cond = {"y": _ids(clusters, gen.k, gen.device) if gen.class_ids else _one_hot(clusters, gen.k, gen.device)}
+    if layout is not None:
+        cond["layout"] = layout.to(gen.device)
+    return clusters, cond
+
+
+def _batch_size(cond: dict, clusters, n) -> int:
+    if clusters is not None:
+        return len(clusters)
+    if cond.get("y") is not None:
+        return cond["y"].shape[0]
+    if n is None:
+        raise ValueError("pass n (the number of samples) for an unconditional model")
+    return n
+
+
+def guided(gen: Generator, w: float, cond: dict, sag_scale: float = 0.0, sag_layer: str | None = None,
+           sag_threshold: float = 1.0, sag_blur=(9, 1.0), sag_window=None):
+    """A context giving the native ``denoise(x_t, t)``: the network under CFG (when conditioned) and
+    SAG (when ``sag_scale`` != 0); the one guidance stack of every checkpoint kind."""
+    conditioned = any(v is not None for v in cond.values())
     if sag_scale:
-        param = parameterization_for(gen.cfg.objective, gen.cfg)
-        with SAG(gen.net, param, sag_layer or default_sag_layer(gen.net), sag_scale, sag_threshold,
-                 sag_blur, sag_window, w=w if gen.k else None, **cond) as denoise:
-            return run_sampler(gen.objective, sampler, denoise, x, steps, generator=g, progress=progress)
-    denoise = CFG(gen.net, w, **cond) if gen.k else _uncond(gen.net)
-    return run_sampler(gen.objective, sampler, denoise, x, steps, generator=g, progress=progress)
+        return SAG(gen.net, gen.param, sag_layer or default_sag_layer(gen.net), sag_scale, sag_threshold,
+                   sag_blur, sag_window, w=w if conditioned else None, **cond)
+    return contextlib.nullcontext(CFG(gen.net, w, **cond) if conditioned else _uncond(gen.net))
 
 
 def default_sag_layer(net) -> str:
@@ -92,11 +159,15 @@ def default_sag_layer(net) -> str:
     return mid[0]
 
 
-def _one_hot(clusters: torch.Tensor, k: int, device) -> torch.Tensor:
+def _ids(clusters, k: int, device) -> torch.Tensor:
     clusters = torch.as_tensor(clusters).long()
     if int(clusters.min()) < 0 or int(clusters.max()) >= k:
         raise ValueError(f"cluster ids must be in [0, {k}); got {clusters.tolist()}")
-    return torch.nn.functional.one_hot(clusters, k).float().to(device)
+    return clusters.to(device)
+
+
+def _one_hot(clusters: torch.Tensor, k: int, device) -> torch.Tensor:
+    return torch.nn.functional.one_hot(_ids(clusters, k, device), k).float()
 
 
 def _uncond(net):

@@ -34,9 +34,14 @@ def test_ddim_eta0_is_deterministic_and_w0_equals_plain():
     net, x = _net(), torch.randn(3, 1, 8, 8)
     y = torch.eye(4)[:3]
     ts = spaced_timesteps(1000, 8)
-    a = ddim_sample(CFG(net, 0.0, y=y), x, ts, alphas_cumprod=ABAR, generator=torch.Generator().manual_seed(1))
-    b = ddim_sample(CFG(net, 0.0, y=y), x, ts, alphas_cumprod=ABAR, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def run(eta, seed):
+        return ddim_sample(CFG(net, 0.0, y=y), x, ts, alphas_cumprod=ABAR, eta=eta,
+                           generator=torch.Generator().manual_seed(seed))
+    # The same two seeds: with eta > 0 they give different samples, so eta = 0 must be drawing no noise.
+    assert not torch.allclose(run(0.5, 1), run(0.5, 2))
+    a = run(0.0, 1)
+    torch.testing.assert_close(a, run(0.0, 2), rtol=0, atol=0)
     plain = ddim_sample(lambda x, t: net(x, t), x, ts, alphas_cumprod=ABAR)
     torch.testing.assert_close(a, plain, rtol=0, atol=0)
 

@@ -264,15 +264,16 @@ def test_renoise_and_x0_eps_round_trip():
     torch.testing.assert_close(eps_hat, eps, rtol=1e-4, atol=1e-4)
 
 
-def test_cifar_preset():
+def test_cifar_preset_samples_with_heun_on_its_grid_and_rejects_bad_settings():
     cfg = EDM_PRESETS["cifar-cedm"]
-    assert (cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.steps) == (0.002, 80.0, 7.0, 18)
-    assert (cfg.P_mean, cfg.P_std, cfg.sigma_data) == (-1.2, 1.2, 0.5)
-    assert cfg.sigmas().shape == (19,) and cfg.loss() == EDMLoss(-1.2, 1.2, 0.5)
-    assert cfg.churn()["S_churn"] == 0.0
-    with pytest.raises(Exception):
-        cfg.steps = 10  # frozen
-    with pytest.raises(ValueError):
+    den = gaussian_denoiser()
+    heun_sample(den, torch.randn(2, 1, 2, 2) * cfg.sigma_max, cfg.sigmas())
+    levels = [float(c[0]) for c in den.calls]
+    assert len(levels) == 2 * cfg.steps - 1  # 18 steps: 35 evaluations (EDM Table 2)
+    assert levels[0] == pytest.approx(cfg.sigma_max) and min(levels) == pytest.approx(cfg.sigma_min, rel=1e-6)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 10
+    with pytest.raises(ValueError, match="sigma_min <= sigma_max"):
         EDMConfig(sigma_min=100.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="P_std"):
         EDMConfig(P_std=0.0)

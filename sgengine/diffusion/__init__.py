@@ -1,6 +1,9 @@
-"""Diffusion core: schedules and samplers are pure functions; losses are small callables.
+"""Diffusion core: schedules, losses, prediction conversions and samplers (pure functions / small callables).
 
-Samplers share one signature ``sampler(denoise, x, ts_or_sigmas, *, generator=None, progress=False, ...)``.
+One sampler contract (``samplers``): ``sampler(model, x, sigmas, *, callback=None, clip_x0=False,
+generator=None, progress=False, **options)`` with ``model(x, sigma) -> D`` (k-diffusion's form). A
+``Parameterization`` (``param``) adapts any eps / v / D / flow-velocity network to it once;
+``sample(param, model, noise, steps, sampler=NAME)`` runs any sampler on any objective.
 """
 from .ddpm import EpsilonLoss, predict_x0, q_sample, renoise_coeffs
 from .edm import (EDM_PRESETS, EDMConfig, EDMLoss, EDMPrecond, edm_loss_weight, edm_precond_coeffs,
@@ -8,7 +11,10 @@ from .edm import (EDM_PRESETS, EDMConfig, EDMLoss, EDMPrecond, edm_loss_weight, 
 from .flow import (SIGMA_MIN, FlowMatchingLoss, dopri5_flow, euler_flow, flow_path, flow_times, heun_flow,
                    x0_eps_from_velocity)
 from .flow import renoise_coeffs as flow_renoise_coeffs
-from .samplers import ddim_sample, ddpm_sample
+from .objectives import OBJECTIVES, Objective, TimeScale, build_network, make_objective, run_sampler
+from .param import (Denoiser, Parameterization, ddpm_param, edm_param, eps_param, flow_param,
+                    parameterization_for, v_param)
+from .samplers import SAMPLERS, ddim, ddim_sample, ddpm, ddpm_sample, dopri5, euler, get_sampler, heun, sample
 from .schedules import alphas_cumprod, linear_betas, spaced_timesteps
 
 __all__ = [
@@ -18,4 +24,7 @@ __all__ = [
     "edm_renoise_coeffs", "euler_sample", "heun_sample", "karras_sigmas", "x0_eps_from_denoised",
     "SIGMA_MIN", "FlowMatchingLoss", "dopri5_flow", "euler_flow", "flow_path", "flow_times", "heun_flow",
     "x0_eps_from_velocity", "flow_renoise_coeffs",
+    "OBJECTIVES", "Objective", "TimeScale", "build_network", "make_objective", "run_sampler",
+    "Denoiser", "Parameterization", "ddpm_param", "edm_param", "eps_param", "flow_param", "parameterization_for",
+    "v_param", "SAMPLERS", "ddim", "ddpm", "dopri5", "euler", "get_sampler", "heun", "sample",
 ]

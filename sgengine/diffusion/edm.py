@@ -7,22 +7,18 @@ s(t) = 1, sigma(t) = t), the denoiser D(x; sigma) and its raw network F_theta (T
 - ``EDMLoss``: lambda(sigma) ||D(y + n; sigma) - y||^2 with ln sigma ~ N(P_mean, P_std^2) (eqs. 2, 8).
 - ``karras_sigmas``: the time steps of eq. 5 with a trailing sigma_N = 0.
 - ``heun_sample`` / ``euler_sample``: Algorithm 2 (Heun, 2N - 1 evaluations) and its first-order
-  variant, with the optional stochastic churn of Algorithm 2. They share the engine's sampler
-  signature ``sample(denoise, x, sigmas, *, generator=None, progress=False, **options)`` where
-  ``denoise(x, sigma)`` returns D(x; sigma), so guidance wrappers (CFG) plug in unchanged.
-
-The samplers integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Algorithm 2
-line 7) starting from the given x, which must already be the state at sigmas[0], i.e.
-x = sigma_max * randn (Algorithm 2 line 1: x_0 ~ N(0, t_0^2 I)).
+  variant, with the optional stochastic churn: ``heun`` and ``euler`` of ``sgengine.diffusion.samplers``,
+  whose contract (D(x; sigma) on a sigma grid, x the state at sigmas[0], i.e. sigma_max * randn,
+  Algorithm 2 line 1) is EDM's own.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .samplers import euler, heun
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +75,10 @@ class EDMPrecond(nn.Module):
         F_x = self.net(c_in * x, c_noise.flatten(), **cond)
         return c_skip * x + c_out * F_x.float()
 
+    def attention_network(self) -> nn.Module:
+        """The module whose attention layers SAG reads (the guidance layer-discovery protocol)."""
+        return self.net
+
 
 @dataclass(frozen=True)
 class EDMLoss:
@@ -118,73 +118,8 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     return torch.cat([ramp**rho, ramp.new_zeros(1)])
 
 
-def _levels(sigmas) -> list[float]:
-    """The noise levels as Python floats (one host transfer), checked once before sampling."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-    if s.dim() != 1 or len(s) < 2 or not torch.isfinite(s).all():
-        raise ValueError(f"sigmas must be a finite 1-D sequence of >= 2 levels (see karras_sigmas), got {s}")
-    if (s[:-1] <= 0).any() or s[-1] < 0 or (s[1:] > s[:-1]).any():
-        raise ValueError(f"sigmas must be non-increasing and > 0 except a final 0, got {s.tolist()}")
-    return s.tolist()
-
-
-def _gamma(sigma: float, n: int, S_churn: float, S_min: float, S_max: float) -> float:
-    """Algorithm 2 line 4: gamma_i = min(S_churn / N, sqrt(2) - 1) if sigma_i in [S_min, S_max]."""
-    return min(S_churn / n, math.sqrt(2) - 1) if S_min <= sigma <= S_max else 0.0
-
-
-def _churn(x, sigma: float, gamma: float, S_noise: float, generator):
-    """Algorithm 2 lines 5-7: raise the noise level to sigma_hat = (1 + gamma) sigma by adding fresh noise."""
-    if gamma == 0:
-        return x, sigma
-    sigma_hat = sigma * (1 + gamma)
-    eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * S_noise
-    return x + math.sqrt(sigma_hat**2 - sigma**2) * eps, sigma_hat
-
-
-def _slope(denoise, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """d = (x - D(x; sigma)) / sigma, the ODE's dx/dsigma (Algorithm 2 lines 7 and 10)."""
-    D = denoise(x, torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype))
-    return (x - D.to(x.dtype)) / sigma
-
-
-def _step(denoise, x, sigma_hat: float, sigma_next: float, second_order: bool):
-    """Euler step from sigma_hat to sigma_next (line 8), plus Heun's correction (lines 9-11) unless
-    sigma_next = 0, where the slope is undefined and the Euler step is exact for D's fixed point."""
-    d = _slope(denoise, x, sigma_hat)
-    x_next = x + (sigma_next - sigma_hat) * d
-    if second_order and sigma_next > 0:
-        x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + _slope(denoise, x_next, sigma_next))
-    return x_next
-
-
-@torch.no_grad()
-def _sample(denoise, x, sigmas, second_order, S_churn, S_min, S_max, S_noise, generator, progress):
-    if S_churn < 0 or S_noise < 0:
-        raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
-    levels = _levels(sigmas)
-    n = len(levels) - 1
-    x = x.to(torch.promote_types(x.dtype, torch.float32))  # half inputs integrate in float32
-    pairs = list(zip(levels[:-1], levels[1:]))
-    for sigma, sigma_next in tqdm(pairs, desc="sampling", disable=not progress, leave=False):
-        x, sigma_hat = _churn(x, sigma, _gamma(sigma, n, S_churn, S_min, S_max), S_noise, generator)
-        x = _step(denoise, x, sigma_hat, sigma_next, second_order)
-    return x
-
-
-def heun_sample(denoise, x: torch.Tensor, sigmas, *, S_churn: float = 0.0, S_min: float = 0.0,
-                S_max: float = float("inf"), S_noise: float = 1.0, generator: torch.Generator | None = None,
-                progress: bool = False) -> torch.Tensor:
-    """EDM Algorithm 2 (Heun's 2nd-order method, optional churn); 2N - 1 evaluations of ``denoise``
-    when sigmas ends in 0. x is the state at sigmas[0] (sigma_max * randn); returns the state at sigmas[-1]."""
-    return _sample(denoise, x, sigmas, True, S_churn, S_min, S_max, S_noise, generator, progress)
-
-
-def euler_sample(denoise, x: torch.Tensor, sigmas, *, S_churn: float = 0.0, S_min: float = 0.0,
-                 S_max: float = float("inf"), S_noise: float = 1.0, generator: torch.Generator | None = None,
-                 progress: bool = False) -> torch.Tensor:
-    """Algorithm 2 without the 2nd-order correction (Euler's method, EDM section 3); N evaluations."""
-    return _sample(denoise, x, sigmas, False, S_churn, S_min, S_max, S_noise, generator, progress)
+heun_sample = heun  # EDM Algorithm 2 (sgengine.diffusion.samplers: the one sampler contract)
+euler_sample = euler  # its first-order variant
 
 
 def edm_renoise_coeffs(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

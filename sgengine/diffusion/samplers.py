@@ -1,64 +1,238 @@
-"""DDIM and DDPM ancestral samplers as pure functions with the shared signature.
+"""The one sampler contract (k-diffusion's; Karras et al. 2022, EDM eq. 2 with s(t) = 1, sigma(t) = t).
 
-``sampler(denoise, x, ts, *, alphas_cumprod, generator=None, progress=False, ...) -> x0``
-where ``denoise(x, t) -> eps`` and ``ts`` are descending timesteps. Guidance (CFG, SAG)
-lives in the ``denoise`` callable; samplers never special-case it.
+    sampler(model, x, sigmas, *, callback=None, clip_x0=False, generator=None, progress=False, **options)
+
+* ``model(x, sigma) -> D``: the denoised estimate E[x0 | x] of the state x = x0 + sigma eps, sigma
+  a (B,) tensor. Every objective's network becomes this form ONCE, through
+  ``Parameterization.denoiser`` (sgengine.diffusion.param); guidance (CFG, SAG) wraps the native
+  network inside it, so samplers never special-case an objective or a guidance.
+* ``x``: the state at sigmas[0]; ``sigmas``: descending noise levels, > 0 except an optional final 0.
+  The result is the state at sigmas[-1] (the sample itself when the grid ends in 0).
+* ``callback(info)`` after each step with info = {i, x, sigma, sigma_next, denoised}; returning
+  True stops early, and the sampler returns the last ``denoised`` (x0 estimate).
+* ``clip_x0``: clamp D to [-1, 1] (DDIM's x0 clipping) before each step.
+
+Samplers: ``euler`` / ``heun`` (EDM Algorithm 2, optional churn; equal to k-diffusion's), ``ddim``
+(Song et al. 2021 eq. 12 on the sigma grid; eta = 0 is the Euler step of the probability-flow ODE),
+``ddpm`` (ancestral: ddim with eta = 1, the DDPM posterior of eqs. 6-7), ``dopri5`` (adaptive
+Dormand-Prince through torchdiffeq, in log sigma). ``SAMPLERS`` maps the names to them.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from tqdm.auto import tqdm
 
-from .ddpm import predict_x0
-from .schedules import gather
+
+class _Stop(Exception):
+    """Raised inside a sampler when the callback asks to stop; carries the last denoised estimate."""
+
+    def __init__(self, denoised):
+        self.denoised = denoised
 
 
-def _steps(ts: torch.Tensor, progress: bool):
-    """(t, t_prev) pairs; t_prev = -1 marks the final step to x0."""
-    ts = ts.long().tolist()
-    pairs = list(zip(ts, ts[1:] + [-1]))
-    return tqdm(pairs, desc="sampling", disable=not progress, leave=False)
+def _levels(sigmas) -> list[float]:
+    """The noise levels as Python floats (one host transfer), checked once before sampling."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    if s.dim() != 1 or len(s) < 2 or not torch.isfinite(s).all():
+        raise ValueError(f"sigmas must be a finite 1-D sequence of >= 2 levels (see karras_sigmas), got {s}")
+    bad = (s[:-1] <= 0) | (s[1:] > s[:-1])
+    if bad.any() or s[-1] < 0:
+        i = int(bad.nonzero()[0]) if bad.any() else len(s) - 1
+        raise ValueError(f"sigmas must be non-increasing and > 0 except a final 0; got {s[i:i + 2].tolist()} "
+                         f"at index {i} of {len(s)}")
+    return s.tolist()
 
 
-def _x0(denoise, x, t: int, abar, clip_x0: bool):
-    tb = torch.full((x.shape[0],), float(t), device=x.device)
-    eps = denoise(x, tb).float()
-    x0 = predict_x0(x, eps, tb, abar)
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
-        eps = (x - gather(abar, tb, x).sqrt() * x0) / (1 - gather(abar, tb, x)).sqrt()
-    return x0, eps
+class _Run:
+    """One sampling run: the denoiser with clipping, the callback and the progress bar."""
+
+    def __init__(self, model, x, sigmas, callback, clip_x0, progress):
+        self.model, self.callback, self.clip = model, callback, clip_x0
+        self.levels = _levels(sigmas)
+        self.x = x.to(torch.promote_types(x.dtype, torch.float32))  # half inputs integrate in float32
+        self.pairs = list(zip(self.levels[:-1], self.levels[1:]))
+        self.bar = tqdm(self.pairs, desc="sampling", disable=not progress, leave=False)
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        D = self.model(x, torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)).to(x.dtype)
+        return D.clamp(-1, 1) if self.clip else D
+
+    def report(self, i: int, x, sigma: float, sigma_next: float, denoised) -> None:
+        if self.callback is not None and self.callback(
+                {"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised}):
+            raise _Stop(denoised)
+
+    def loop(self, step) -> torch.Tensor:
+        """x <- step(x, i, sigma, sigma_next) over the grid; (x, denoised) from each step."""
+        x = self.x
+        try:
+            for i, (sigma, sigma_next) in enumerate(self.bar):
+                x, denoised = step(x, i, sigma, sigma_next)
+                self.report(i, x, sigma, sigma_next, denoised)
+        except _Stop as stop:
+            return stop.denoised
+        return x
 
 
-def _abar_at(abar: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(1.0 if t < 0 else float(abar[t]), device=x.device)
+def _gamma(sigma: float, n: int, S_churn: float, S_min: float, S_max: float) -> float:
+    """Algorithm 2 line 4: gamma_i = min(S_churn / N, sqrt(2) - 1) if sigma_i in [S_min, S_max]."""
+    return min(S_churn / n, math.sqrt(2) - 1) if S_min <= sigma <= S_max else 0.0
+
+
+def _churn(x, sigma: float, gamma: float, S_noise: float, generator):
+    """Algorithm 2 lines 5-7: raise the noise level to sigma_hat = (1 + gamma) sigma by adding fresh noise."""
+    if gamma == 0:
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * S_noise
+    return x + math.sqrt(sigma_hat**2 - sigma**2) * eps, sigma_hat
 
 
 @torch.no_grad()
+def _edm(model, x, sigmas, second_order, callback, clip_x0, S_churn, S_min, S_max, S_noise, generator, progress):
+    if S_churn < 0 or S_noise < 0:
+        raise ValueError(f"S_churn and S_noise must be >= 0, got {S_churn}, {S_noise}")
+    run = _Run(model, x, sigmas, callback, clip_x0, progress)
+    n = len(run.pairs)
+
+    def step(x, i, sigma, sigma_next):
+        x, sigma_hat = _churn(x, sigma, _gamma(sigma, n, S_churn, S_min, S_max), S_noise, generator)
+        D = run.denoise(x, sigma_hat)
+        d = (x - D) / sigma_hat  # dx/dsigma of the probability-flow ODE (Algorithm 2 line 7)
+        x_next = x + (sigma_next - sigma_hat) * d
+        # Heun's correction (lines 9-11) unless sigma_next = 0: there the Euler step lands on D, exactly.
+        if second_order and sigma_next > 0:
+            d2 = (x_next - run.denoise(x_next, sigma_next)) / sigma_next
+            x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d2)
+        return x_next, D
+    return run.loop(step)
+
+
+def heun(model, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False, S_churn: float = 0.0,
+         S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+         generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """EDM Algorithm 2 (Heun's 2nd-order method, optional churn); 2N - 1 evaluations when sigmas ends in 0."""
+    return _edm(model, x, sigmas, True, callback, clip_x0, S_churn, S_min, S_max, S_noise, generator, progress)
+
+
+def euler(model, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False, S_churn: float = 0.0,
+          S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+          generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """Algorithm 2 without the 2nd-order correction (Euler's method, EDM section 3); N evaluations."""
+    return _edm(model, x, sigmas, False, callback, clip_x0, S_churn, S_min, S_max, S_noise, generator, progress)
+
+
+@torch.no_grad()
+def ddim(model, x: torch.Tensor, sigmas, *, eta: float = 0.0, callback=None, clip_x0: bool = False,
+         generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) on the sigma grid: x' = D + sigma_down eps_hat + sigma_up z, with
+    sigma_up = eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2) (eq. 16 in these units) and
+    sigma_down = sqrt(sigma'^2 - sigma_up^2). eta = 0 is deterministic, eta = 1 is DDPM's ancestral step."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    run = _Run(model, x, sigmas, callback, clip_x0, progress)
+
+    def step(x, i, sigma, sigma_next):
+        D = run.denoise(x, sigma)
+        up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+        x_next = D + math.sqrt(sigma_next**2 - up**2) / sigma * (x - D)
+        if up > 0:
+            x_next = x_next + up * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        return x_next, D
+    return run.loop(step)
+
+
+def ddpm(model, x: torch.Tensor, sigmas, *, callback=None, clip_x0: bool = False,
+         generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """Ancestral sampling from the posterior q(x_prev | x_t, x0_hat) (DDPM eqs. 6-7): ``ddim`` with eta = 1."""
+    return ddim(model, x, sigmas, eta=1.0, callback=callback, clip_x0=clip_x0, generator=generator,
+                progress=progress)
+
+
+@torch.no_grad()
+def dopri5(model, x: torch.Tensor, sigmas, *, rtol: float = 1e-5, atol: float = 1e-5, callback=None,
+           clip_x0: bool = False, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """Adaptive Dormand-Prince 5(4) (torchdiffeq) on dx/d(ln sigma) = x - D(x, sigma) from sigmas[0]
+    to the last positive level (only the end points matter; SPEC tolerances), then the exact final
+    step x = D when the grid ends in 0. The callback runs after every evaluation (i counts them)."""
+    try:
+        from torchdiffeq import odeint
+    except ImportError as e:
+        raise ImportError("the dopri5 sampler needs torchdiffeq: pip install torchdiffeq "
+                          "(or sample with euler / heun / ddim)") from e
+    run = _Run(model, x, sigmas, callback, clip_x0, False)
+    positive = [s for s in run.levels if s > 0]
+    bar, evals = tqdm(desc="dopri5 evaluations", disable=not progress, leave=False), [0]
+
+    def field(log_sigma: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        sigma = math.exp(float(log_sigma))
+        D = run.denoise(z, sigma)
+        bar.update(1)
+        run.report(evals[0], z, sigma, sigma, D)
+        evals[0] += 1
+        return z - D
+
+    try:
+        z = run.x
+        if len(positive) > 1:
+            span = torch.tensor([math.log(positive[0]), math.log(positive[-1])], dtype=torch.float64)
+            z = odeint(field, z, span.to(z.device, z.dtype), rtol=rtol, atol=atol, method="dopri5")[-1]
+        return run.denoise(z, positive[-1]) if run.levels[-1] == 0 else z
+    except _Stop as stop:
+        return stop.denoised
+    finally:
+        bar.close()
+
+
+SAMPLERS = {"ddim": ddim, "ddpm": ddpm, "euler": euler, "heun": heun, "dopri5": dopri5}
+
+
+def get_sampler(name: str):
+    """The sampler called ``name``; a ValueError naming the choices otherwise."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sample(param, model, noise: torch.Tensor, steps: int | None = None, *, sampler: str = "euler",
+           sigmas=None, **options) -> torch.Tensor:
+    """Draw samples with any sampler from a native ``model(x_t, t, **cond)`` of ``param``'s objective.
+
+    ``noise``: unit Gaussian noise (B, ...); the grid is ``sigmas`` or the objective's own
+    ``param.grid(steps)``. The network is adapted once (``param.denoiser``), the state starts at
+    ``param.prior_scale(sigmas[0]) * noise`` and the result is returned in the model's own units
+    (x_t at the grid's last level: the sample when the grid ends in 0). ``options`` go to the sampler.
+    """
+    if sigmas is None:
+        if steps is None:
+            raise ValueError("pass steps (the objective's own grid) or sigmas")
+        sigmas = param.grid(steps)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    x = noise.to(torch.promote_types(noise.dtype, torch.float32)) * param.prior_scale(float(sigmas[0]))
+    out = get_sampler(sampler)(param.denoiser(model), x, sigmas, **options)
+    return out * float(param.scale(sigmas[-1:]).double())
+
+
 def ddim_sample(denoise, x, ts, *, alphas_cumprod, eta: float = 0.0, clip_x0: bool = True,
-                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 is DDPM-like."""
-    x = x.float()
-    for t, t_prev in _steps(ts, progress):
-        x0, eps = _x0(denoise, x, t, alphas_cumprod, clip_x0)
-        a, a_prev = _abar_at(alphas_cumprod, t, x), _abar_at(alphas_cumprod, t_prev, x)
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # eq. 16
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0 and t_prev >= 0:
-            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
-    return x
+                generator: torch.Generator | None = None, progress: bool = False, callback=None) -> torch.Tensor:
+    """DDIM on an eps network ``denoise(x_t, t)`` at descending timesteps ``ts`` from x = x_T (diffusers'
+    convention): ``ddim`` on the sigmas of those timesteps through ``eps_param(alphas_cumprod)``."""
+    return _on_timesteps(ddim, denoise, x, ts, alphas_cumprod, dict(
+        eta=eta, clip_x0=clip_x0, generator=generator, progress=progress, callback=callback))
 
 
-@torch.no_grad()
 def ddpm_sample(denoise, x, ts, *, alphas_cumprod, clip_x0: bool = True,
-                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """Ancestral sampling from the posterior q(x_prev | x_t, x0_hat) (DDPM eqs. 6-7) on ``ts``."""
-    x = x.float()
-    for t, t_prev in _steps(ts, progress):
-        x0, _ = _x0(denoise, x, t, alphas_cumprod, clip_x0)
-        a, a_prev = _abar_at(alphas_cumprod, t, x), _abar_at(alphas_cumprod, t_prev, x)
-        beta = 1 - a / a_prev  # the respaced beta between t_prev and t
-        mean = (a_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - a_prev) * x) / (1 - a)
-        var = beta * (1 - a_prev) / (1 - a)  # beta_tilde, eq. 7
-        x = mean + var.sqrt() * torch.randn(x.shape, device=x.device, generator=generator) if t_prev >= 0 else mean
-    return x
+                generator: torch.Generator | None = None, progress: bool = False, callback=None) -> torch.Tensor:
+    """Ancestral DDPM sampling on an eps network at descending timesteps ``ts`` (``ddpm`` on their sigmas)."""
+    return _on_timesteps(ddpm, denoise, x, ts, alphas_cumprod, dict(
+        clip_x0=clip_x0, generator=generator, progress=progress, callback=callback))
+
+
+def _on_timesteps(sampler, denoise, x, ts, abar, options) -> torch.Tensor:
+    from .param import eps_param  # param imports edm, which imports this module
+    param = eps_param(abar)
+    sigmas = torch.cat([param.sigma(torch.as_tensor(ts).double()), torch.zeros(1, dtype=torch.float64)])
+    x = x.float() / float(param.scale(sigmas[:1]).double())  # x_T = a x with a = 1 / sqrt(1 + sigma^2)
+    return sampler(param.denoiser(denoise), x, sigmas, **options)

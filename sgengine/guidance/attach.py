@@ -22,30 +22,62 @@ from ..models.uvit import UViT
 from .keymass import attend_rows, mass_to_grid
 
 
-def core_network(net: nn.Module) -> nn.Module:
-    """The raw network under objective wrappers (EDMPrecond, TimeScale: both keep it as ``.net``)."""
-    while isinstance(getattr(net, "net", None), nn.Module):
-        net = net.net
+WRAPPER_ATTRIBUTES = ("net", "inner_model", "model", "unet")  # engine / diffusers, k-diffusion, common wrappers
+
+
+def core_network(net) -> nn.Module:
+    """The module whose attention layers SAG reads, found through a declared protocol.
+
+    An object (module or not) that declares ``attention_network()`` is unwrapped through it (the
+    engine's EDMPrecond and TimeScale do; declare it on your own wrapper). Otherwise an
+    ``nn.Module`` without parameters of its own around exactly the ones of a child in
+    ``WRAPPER_ATTRIBUTES`` (``.net``: DiffusersDenoiser, CFG; ``.inner_model``: k-diffusion
+    wrappers) is unwrapped through that child. What remains must be an ``nn.Module``.
+    """
+    for _ in range(32):  # a wrapper chain, never a cycle
+        declared = getattr(net, "attention_network", None)
+        inner = declared() if callable(declared) else _wrapped(net)
+        if inner is None:
+            break
+        net = inner
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"SAG reads attention layers of an nn.Module; got {type(net).__name__}: pass the "
+                        "network itself, or give your wrapper an attention_network() method returning it")
     return net
 
 
-def _is_diffusers(net: nn.Module) -> bool:
-    return type(core_network(net)).__module__.startswith("diffusers.")
+def _wrapped(obj):
+    """The child that a parameter-free wrapper wraps (None: ``obj`` is the network itself)."""
+    for name in WRAPPER_ATTRIBUTES:
+        child = getattr(obj, name, None)
+        if isinstance(child, nn.Module) and child is not obj:
+            own = {id(p) for p in obj.parameters()} if isinstance(obj, nn.Module) else set()
+            if own <= {id(p) for p in child.parameters()}:
+                return child
+    return None
 
 
-def list_attention_layers(net: nn.Module) -> list[str]:
-    """Names (in ``core_network(net).named_modules()``) of the attention layers SAG can read."""
-    if _is_diffusers(net):
+def _is_diffusers(root: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("diffusers.") and type(m).__name__ == "Attention"
+               for m in root.modules())
+
+
+def list_attention_layers(net) -> list[str]:
+    """Names (in ``core_network(net).named_modules()``) of the self-attention layers SAG can read:
+    the engine's ``MultiHeadAttention`` or diffusers' ``Attention`` (cross-attention excluded)."""
+    root = core_network(net)
+    if _is_diffusers(root):
         from .diffusers_unet import list_diffusers_layers
-        return list_diffusers_layers(core_network(net))
-    return [name for name, m in core_network(net).named_modules() if isinstance(m, MultiHeadAttention)]
+        return list_diffusers_layers(root)
+    return [name for name, m in root.named_modules() if isinstance(m, MultiHeadAttention)]
 
 
-def _find(net: nn.Module, layer: str) -> MultiHeadAttention:
+def _find(net, layer: str) -> MultiHeadAttention:
     modules = dict(core_network(net).named_modules())
     if not isinstance(modules.get(layer), MultiHeadAttention):
-        raise KeyError(f"no attention layer named {layer!r}; available layers: "
-                       f"{list_attention_layers(net)} (list them with --list-layers)")
+        layers = list_attention_layers(net)
+        raise KeyError(f"no attention layer named {layer!r}; available layers: {layers}" if layers else
+                       f"{type(core_network(net)).__name__} has no attention layer SAG can read")
     return modules[layer]
 
 
@@ -98,8 +130,9 @@ def capture_key_mass(net: nn.Module, layer: str, backend: str = "auto"):
     """Capture the per-key mass of ``layer`` (a name from ``list_attention_layers(net)``) on every
     forward until ``close()``; use as ``with capture_key_mass(net, "mid.1.attn") as cap: ...``.
     A diffusers UNet gets a key-mass attention processor with the same interface."""
-    if _is_diffusers(net):
+    root = core_network(net)
+    if _is_diffusers(root):
         from .diffusers_unet import attach_diffusers
-        return attach_diffusers(core_network(net), layer, backend)
-    return KeyMassCapture(net, layer, backend)
+        return attach_diffusers(root, layer, backend)
+    return KeyMassCapture(root, layer, backend)
 

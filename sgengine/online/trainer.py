@@ -34,11 +34,9 @@ import torch
 
 from ..data import to_uint8
 from ..eval.cluster import cluster_report
-from ..guidance.cfg import CFG
-from ..sampling import Generator, load_generator
+from ..sampling import Generator, load_generator, sample
 from ..common import ranks
 from ..checkpoint import load_meta, resolve_checkpoint
-from ..training.objectives import run_sampler
 from ..training.trainer import Trainer
 from ..viz import plot_bars, save_grid
 from .clustering import (CLUSTERING_FILE, OnlineClustering, load_clustering, prototype_cond, prototype_ids,
@@ -120,14 +118,13 @@ def top_prototypes(gen: OnlineGenerator, rows: int) -> list[int]:
 
 
 def sample_prototypes(gen: OnlineGenerator, ids, w: float = 1.4, steps: int = 50, sampler: str | None = None,
-                      seed: int = 0, progress: bool = False) -> torch.Tensor:
+                      seed: int = 0, progress: bool = False, **guidance) -> torch.Tensor:
     """Samples (n, C, H, W) in [-1, 1] conditioned on prototype ids. CFG's w = 1 + g of eq. 17
-    (v_c + g (v_c - v_u) = v_u + (1 + g)(v_c - v_u)): the paper's g = 0.4 is w = 1.4."""
-    cond = prototype_condition(gen, ids)
-    m, g = gen.gen.cfg.uvit, torch.Generator().manual_seed(seed)
-    x = torch.randn(cond["y"].shape[0], m.in_channels, m.img_size, m.img_size, generator=g).to(gen.gen.device)
-    return run_sampler(gen.gen.objective, sampler, CFG(gen.gen.net, w, **cond), x, steps, generator=g,
-                       progress=progress)
+    (v_c + g (v_c - v_u) = v_u + (1 + g)(v_c - v_u)): the paper's g = 0.4 is w = 1.4. ``guidance``:
+    the SAG keywords of ``sgengine.sampling.sample`` (sag_scale, sag_layer, ...), through the same
+    guidance stack as every other checkpoint."""
+    return sample(gen.gen, cond=prototype_condition(gen, ids), w=w, steps=steps, sampler=sampler, seed=seed,
+                  progress=progress, **guidance)
 
 
 class _Capture:

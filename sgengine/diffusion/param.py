@@ -1,0 +1,226 @@
+"""What a network's native prediction means, and how it becomes the one sampler contract.
+
+Every objective writes its noisy input as x_t = a(t) x0 + b(t) eps. The samplers of
+``sgengine.diffusion.samplers`` all take ONE form (k-diffusion's; Karras et al. 2022 eq. 2 with
+s(t) = 1): a denoiser D(x, sigma) ~ E[x0 | x] on the variance-exploding state x = x0 + sigma eps,
+with sigma = b / a, on a descending sigma grid. A ``Parameterization`` holds, for one objective,
+the conversions between the two:
+
+* ``x0_eps(x_t, pred, t) -> (x0, eps)`` and its inverse ``prediction(x0, eps, t)``;
+* ``coeffs(t) -> (a, b)``, each (B,) float32; ``sigma(t) = b / a``; ``time(sigma)`` its inverse;
+  ``scale(sigma) = a`` (x_t = scale * x);
+* ``input_gain(t)`` = d pred / d x_t at fixed eps (0 for eps, 1 for D, 1/t for flow velocity,
+  1/a for v): SAG's Eq. 17 is defined on eps (see ``sgengine.guidance.sag``);
+* ``grid(steps)``: the objective's own sigma grid, and ``prior_scale(sigma0)``: the std of the
+  starting state (sqrt(1 + sigma^2) for variance-preserving schedules, whose x_T ~ N(0, I); sigma else);
+* ``denoiser(model)``: the ONE adapter from a native ``model(x_t, t, **cond)`` (guidance included)
+  to D(x, sigma, **cond).
+
+Constructors: ``eps_param(abar)`` / ``v_param(abar)`` (eps- or v-prediction on a discrete
+alpha-bar schedule, e.g. a diffusers scheduler's ``alphas_cumprod``; fractional timesteps are
+interpolated linearly in alpha-bar), ``edm_param()`` (D networks), ``flow_param()`` (flow-matching
+velocity), and ``parameterization_for(name)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import edm, flow
+from .schedules import alphas_cumprod, linear_betas
+
+FLOW_SIGMA_MAX = 500.0  # the flow grid starts at t0 = 1 / (1 + FLOW_SIGMA_MAX - s) ~ 0.002 (t = 0: sigma = inf)
+
+
+def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _batch(sigma, x: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    return s.expand(x.shape[0]) if s.dim() == 0 else s
+
+
+@dataclass(frozen=True)
+class Parameterization:
+    name: str  # 'eps', 'v', 'edm' (D) or 'velocity' (flow matching)
+    coeffs_fn: Callable = field(repr=False)  # t -> (a, b)
+    time_fn: Callable = field(repr=False)  # sigma -> t
+    scale_fn: Callable = field(repr=False)  # sigma -> a
+    to_x0_eps: Callable = field(repr=False)  # (x_t, pred, a, b, t) -> (x0, eps)
+    to_pred: Callable = field(repr=False)  # (x0, eps, a, b, t) -> pred
+    gain_fn: Callable = field(repr=False)  # (t, a, b) -> d pred / d x_t
+    grid_fn: Callable = field(repr=False)  # steps -> descending float64 sigmas
+    variance_preserving: bool = False
+
+    def coeffs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b), each (B,) float32 on t's device, with x_t = a x0 + b eps."""
+        t = torch.as_tensor(t)
+        a, b = self.coeffs_fn(t)
+        return a.float().to(t.device), b.float().to(t.device)
+
+    def x0_eps(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor):
+        """(x0_hat, eps_hat) from the native prediction at x_t and time t (B,)."""
+        a, b = self.coeffs(t)
+        return self.to_x0_eps(x_t, pred, _col(a, x_t), _col(b, x_t), t)
+
+    def prediction(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The native prediction a perfect network makes for (x0, eps) at time t (the inverse of x0_eps)."""
+        a, b = self.coeffs(t)
+        return self.to_pred(x0, eps, _col(a, x0), _col(b, x0), t)
+
+    def input_gain(self, t: torch.Tensor) -> torch.Tensor:
+        """d pred / d x_t holding eps fixed, (B,) float32."""
+        t = torch.as_tensor(t, dtype=torch.float32)
+        a, b = self.coeffs(t)
+        return self.gain_fn(t, a, b).to(t.device)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma = b / a at native time t (float64)."""
+        a, b = self.coeffs_fn(torch.as_tensor(t, dtype=torch.float64))
+        return b.double() / a.double()
+
+    def time(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The native time of noise level sigma (the network's t input)."""
+        return self.time_fn(torch.as_tensor(sigma))
+
+    def scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """a at noise level sigma: x_t = scale(sigma) * x."""
+        return self.scale_fn(torch.as_tensor(sigma))
+
+    def grid(self, steps: int) -> torch.Tensor:
+        """The objective's own descending sigma grid of ``steps`` steps (float64)."""
+        return self.grid_fn(steps)
+
+    def prior_scale(self, sigma0: float) -> float:
+        """Std of the starting state at sigmas[0]: x = prior_scale * randn."""
+        s = float(sigma0)
+        return (1 + s * s) ** 0.5 if self.variance_preserving else s
+
+    def denoiser(self, model) -> "Denoiser":
+        """``model(x_t, t, **cond) -> native prediction`` as the samplers' D(x, sigma, **cond)."""
+        return Denoiser(model, self)
+
+
+class Denoiser:
+    """D(x, sigma, **cond) = x0_hat from a native network: x_t = a x, t = time(sigma) (the one adapter)."""
+
+    def __init__(self, model, param: Parameterization):
+        self.model, self.param = model, param
+
+    def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        sigma = _batch(sigma, x)
+        t = self.param.time(sigma).to(torch.float32)
+        a = self.param.scale(sigma).to(x.device)
+        x_t = _col(a, x) * x
+        pred = self.model(x_t, t, **cond)
+        return self.param.x0_eps(x_t, pred.to(x.dtype), t)[0]
+
+
+# -- discrete alpha-bar schedules (DDPM): eps or v prediction ------------------------------------
+
+def _abar_fn(abar: torch.Tensor) -> Callable:
+    """alpha-bar at (fractional) timesteps, linear between the table's entries; exact at integers."""
+    table = abar.double().cpu()
+
+    def at(t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0, len(table) - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=len(table) - 1)
+        return (table[lo] + (t - lo) * (table[hi] - table[lo])).to(torch.as_tensor(t).device)
+    return at
+
+
+def _vp_time(abar: torch.Tensor) -> Callable:
+    """Timestep of sigma on the schedule: alpha-bar = 1 / (1 + sigma^2), inverted piecewise linearly."""
+    table = abar.double().cpu()
+
+    def time(sigma: torch.Tensor) -> torch.Tensor:
+        dev = sigma.device
+        target = 1 / (1 + sigma.double().cpu() ** 2)
+        hi = torch.searchsorted(-table, -target).clamp(1, len(table) - 1)  # table[hi] <= target
+        lo = hi - 1
+        frac = ((table[lo] - target) / (table[lo] - table[hi])).clamp(0, 1)
+        return (lo + frac).to(dev)
+    return time
+
+
+def _vp(name, abar, to_x0_eps, to_pred, gain_fn) -> Parameterization:
+    at = _abar_fn(abar)
+    t_of = _vp_time(abar)
+
+    def coeffs(t):
+        a = at(t)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def grid(steps):
+        from .schedules import spaced_timesteps
+        ts = spaced_timesteps(len(abar), steps).double()
+        a = at(ts)
+        return torch.cat([((1 - a) / a).sqrt(), ts.new_zeros(1)])
+    return Parameterization(name, coeffs, t_of, lambda s: (1 + s.double() ** 2).rsqrt().to(s.device),
+                            to_x0_eps, to_pred, gain_fn, grid, variance_preserving=True)
+
+
+def eps_param(abar: torch.Tensor) -> Parameterization:
+    """eps prediction on the alpha-bar schedule ``abar`` (t: timestep indices as floats)."""
+    return _vp("eps", abar, lambda x, eps, a, b, t: ((x - b * eps) / a, eps),
+               lambda x0, eps, a, b, t: eps, lambda t, a, b: torch.zeros_like(t))
+
+
+ddpm_param = eps_param  # the historical name
+
+
+def v_param(abar: torch.Tensor) -> Parameterization:
+    """v prediction (Salimans & Ho 2022): v = a eps - b x0, so x0 = a x_t - b v and eps = b x_t + a v."""
+    return _vp("v", abar, lambda x, v, a, b, t: (a * x - b * v, b * x + a * v),
+               lambda x0, eps, a, b, t: a * eps - b * x0, lambda t, a, b: -b / a)  # v = a eps - (b/a)(x_t - b eps)
+
+
+# -- EDM (D networks) and flow matching (velocity) ----------------------------------------------
+
+def edm_param(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Parameterization:
+    """D(x; sigma) (EDM, Karras et al. 2022 eq. 2): x = x0 + sigma eps, t = sigma; Karras grid (eq. 5)."""
+    return Parameterization(
+        "edm", edm.edm_renoise_coeffs, lambda s: s, lambda s: torch.ones_like(s, dtype=torch.float32),
+        lambda x, D, a, b, t: (D, (x - D) / b), lambda x0, eps, a, b, t: x0,
+        lambda t, a, b: torch.ones_like(t), lambda steps: edm.karras_sigmas(steps, sigma_min, sigma_max, rho))
+
+
+def flow_param(sigma_min: float = flow.SIGMA_MIN, sigma_max: float = FLOW_SIGMA_MAX) -> Parameterization:
+    """Velocity on x_t = t x0 + (1 - (1 - s) t) eps (t = 1: data): sigma = 1/t - (1 - s), t = 1 / (sigma + 1 - s).
+    The grid is uniform in t from t0 = time(sigma_max) ~ 0.002 to 1 (sigma = s there, so x_t = x at the end)."""
+    s = sigma_min
+
+    def time(sig):
+        return 1 / (sig.double() + 1 - s)
+
+    def grid(steps):
+        flow.flow_times(steps)  # checks steps >= 1
+        ts = torch.linspace(float(time(torch.tensor(float(sigma_max)))), 1.0, steps + 1, dtype=torch.float64)
+        return (1 - (1 - s) * ts) / ts
+
+    def gain(t, a, b):  # v = (x_t - eps) / t at fixed eps; at t = 0 the degraded input equals x_t
+        return torch.where(t > 0, 1.0 / t.clamp(min=1e-12), torch.zeros_like(t))
+    return Parameterization(
+        "velocity", lambda t: flow.renoise_coeffs(t, s), time, lambda sig: time(sig),
+        lambda x, v, a, b, t: flow.x0_eps_from_velocity(x, v, t, s), lambda x0, eps, a, b, t: x0 - (1 - s) * eps,
+        gain, grid)
+
+
+def parameterization_for(objective: str, T: int = 1000, beta_start: float = 1e-4,
+                         beta_end: float = 0.02) -> Parameterization:
+    """The Parameterization of ``objective``: 'ddpm' (eps on linear betas T, beta_start, beta_end;
+    defaults: DDPM's), 'v' (v on the same), 'edm' or 'flow'. A TrainConfig may be passed as T."""
+    if not isinstance(T, int):  # a config object carrying T / beta_start / beta_end
+        T, beta_start, beta_end = T.T, T.beta_start, T.beta_end
+    if objective in ("ddpm", "eps", "v"):
+        abar = alphas_cumprod(linear_betas(T, beta_start, beta_end))
+        return v_param(abar) if objective == "v" else eps_param(abar)
+    if objective == "edm":
+        return edm_param()
+    if objective in ("flow", "velocity"):
+        return flow_param()
+    raise ValueError(f"objective must be 'ddpm', 'v', 'edm' or 'flow', got {objective!r}")

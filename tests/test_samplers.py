@@ -1,0 +1,158 @@
+"""The one sampler contract: every (sampler, objective) pair on closed-form Gaussian data.
+
+Data x0 ~ N(MU, S^2). For any objective's forward process x_t = a x0 + b eps the posterior mean is
+E[x0 | x_t] = MU + a S^2 (x_t - a MU) / (a^2 S^2 + b^2), so the exact network of every
+parameterisation is known; it is written out here from the schedules (independently of
+sgengine.diffusion.param). In the samplers' units (x = x_t / a, sigma = b / a) the probability-flow
+ODE has the closed form x(sigma) - MU = (x(sigma0) - MU) sqrt(S^2 + sigma^2) / sqrt(S^2 + sigma0^2).
+"""
+import math
+
+import pytest
+import torch
+
+from sgengine.diffusion import (SAMPLERS, alphas_cumprod, edm_param, eps_param, flow_param, karras_sigmas,
+                                linear_betas, sample, v_param)
+from sgengine.diffusion.flow import SIGMA_MIN
+
+MU, S = 0.3, 0.5
+ABAR = alphas_cumprod(linear_betas())
+PARAMS = {"eps": eps_param(ABAR), "v": v_param(ABAR), "edm": edm_param(), "flow": flow_param()}
+
+
+def _ab(kind, t):
+    """(a, b) of x_t = a x0 + b eps at native time t, from the schedules themselves."""
+    t = t.double()
+    if kind in ("eps", "v"):
+        lo = t.floor().long().clamp(0, 999)
+        hi = (lo + 1).clamp(max=999)
+        abar = ABAR[lo] + (t - lo) * (ABAR[hi] - ABAR[lo])  # linear between integer timesteps
+        return abar.sqrt(), (1 - abar).sqrt()
+    if kind == "edm":
+        return torch.ones_like(t), t
+    return t, 1 - (1 - SIGMA_MIN) * t
+
+
+def exact_net(kind):
+    """The perfect native network of ``kind`` for N(MU, S^2) data: eps, v, D or flow velocity."""
+    def net(x_t, t):
+        a, b = (c.view(-1, *([1] * (x_t.dim() - 1))) for c in _ab(kind, t))
+        x0 = MU + a * S**2 * (x_t.double() - a * MU) / (a**2 * S**2 + b**2)
+        eps = (x_t.double() - a * x0) / b
+        pred = {"eps": eps, "v": a * eps - b * x0, "edm": x0, "flow": x0 - (1 - SIGMA_MIN) * eps}[kind]
+        return pred.to(x_t.dtype)
+    return net
+
+
+def closed_form(x, sigma0, sigma1):
+    return MU + (x - MU) * math.sqrt(S**2 + sigma1**2) / math.sqrt(S**2 + sigma0**2)
+
+
+def _error(sampler, kind, n):
+    """Max error of ``sampler`` with n steps from sigma 10 to 0.05 (inside every schedule's range)."""
+    sig = karras_sigmas(n, 0.05, 10.0)[:-1]
+    x = torch.linspace(-25, 25, 11, dtype=torch.float64).view(11, 1)
+    out = SAMPLERS[sampler](PARAMS[kind].denoiser(exact_net(kind)), x, sig)
+    return (out - closed_form(x, 10.0, 0.05)).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+@pytest.mark.parametrize("sampler,order", [("euler", 1), ("ddim", 1), ("heun", 2)])
+def test_fixed_step_samplers_converge_at_their_order_on_every_objective(sampler, order, kind):
+    errs = [_error(sampler, kind, n) for n in (16, 32, 64)]
+    for coarse, fine in zip(errs, errs[1:]):
+        assert 2 ** order * 0.75 < coarse / fine < 2 ** order * 1.3, errs
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+def test_dopri5_reaches_its_tolerance_on_every_objective(kind):
+    assert _error("dopri5", kind, 2) < 2e-4
+    assert _error("heun", kind, 8) > 1e-3  # a real gap: a coarse fixed-step solver does not reach it
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_pair_samples_the_data_distribution_from_its_own_grid(sampler, kind):
+    """Through ``sample``: the objective's own grid and prior, every sampler, down to the data. (First-order
+    samplers need many steps: at 40 their truncation error alone leaves the std ~8% low on this target.)"""
+    noise = torch.randn(6000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    steps = {"heun": 40, "dopri5": 10, "ddpm": 1000}.get(sampler, 400)
+    out = sample(PARAMS[kind], exact_net(kind), noise, steps, sampler=sampler,
+                 generator=torch.Generator().manual_seed(1))
+    assert out.dtype == torch.float64 and out.shape == noise.shape
+    assert abs(out.mean().item() - MU) < 0.03
+    assert out.std().item() == pytest.approx(S, rel=0.03)
+
+
+def test_ddpm_is_stochastic_and_ddim_is_not():
+    param, noise = PARAMS["eps"], torch.randn(500, 1)
+    runs = [sample(param, exact_net("eps"), noise, 20, sampler=name, generator=torch.Generator().manual_seed(seed))
+            for name in ("ddpm", "ddim") for seed in (0, 1)]
+    assert not torch.allclose(runs[0], runs[1])
+    torch.testing.assert_close(runs[2], runs[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+def test_conversions_invert_and_sigma_time_round_trip(kind):
+    param = PARAMS[kind]
+    t = {"eps": torch.tensor([0.0, 10.0, 500.5, 999.0]), "v": torch.tensor([0.0, 10.0, 500.5, 999.0]),
+         "edm": torch.tensor([0.01, 1.0, 5.0, 80.0]), "flow": torch.tensor([0.01, 0.3, 0.7, 1.0])}[kind]
+    x0, eps = torch.randn(4, 2, 3, 3, dtype=torch.float64), torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    a, b = (c.view(-1, 1, 1, 1) for c in _ab(kind, t))
+    x_t = a * x0 + b * eps
+    got = param.x0_eps(x_t, param.prediction(x0, eps, t), t)
+    torch.testing.assert_close(got[0], x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], eps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(param.time(param.sigma(t)).double(), t.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(param.scale(param.sigma(t)).double(), a.flatten(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_callback_sees_every_step_and_stops_early(sampler):
+    den, seen = PARAMS["edm"].denoiser(exact_net("edm")), []
+    x = torch.randn(4, 1) * 80
+    SAMPLERS[sampler](den, x, karras_sigmas(6), callback=lambda info: seen.append(info["i"]))
+    assert seen and seen == list(range(len(seen)))
+    assert len(seen) == 6 or sampler == "dopri5"  # fixed-step samplers: one call per step
+
+    def stop(info):
+        return info["i"] == 1
+
+    out = SAMPLERS[sampler](den, x, karras_sigmas(6), callback=stop, generator=torch.Generator().manual_seed(0))
+    last = {}
+    SAMPLERS[sampler](den, x, karras_sigmas(6), callback=lambda info: last.update(info) or info["i"] == 1,
+                      generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, last["denoised"])  # early stop returns the x0 estimate
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_clip_x0_keeps_estimates_in_range(sampler):
+    wide = lambda x, sigma: 3 * x / (1 + sigma.view(-1, 1) ** 2) ** 0.5  # noqa: E731  a denoiser far outside [-1, 1]
+    x = torch.randn(64, 1) * 80
+    seen = []
+    out = SAMPLERS[sampler](wide, x, karras_sigmas(5), clip_x0=True,
+                            callback=lambda info: seen.append(info["denoised"].abs().max().item()))
+    assert max(seen) <= 1.0 and out.abs().max() <= 1.0 + 1e-6
+    assert SAMPLERS[sampler](wide, x, karras_sigmas(5)).abs().max() > 1.5
+
+
+def test_unknown_sampler_names_the_choices():
+    with pytest.raises(ValueError, match="choose one of"):
+        sample(PARAMS["edm"], exact_net("edm"), torch.randn(2, 1), 4, sampler="plms")
+
+
+def test_ddim_equals_diffusers_ddim_scheduler():
+    """Peer agreement: DDIM on an eps network equals diffusers' DDIMScheduler with aligned timesteps."""
+    diffusers = pytest.importorskip("diffusers")
+    from sgengine.diffusion import ddim_sample
+
+    sch = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                                  set_alpha_to_one=True, timestep_spacing="leading")
+    sch.set_timesteps(25)
+    net = exact_net("eps")
+    x = torch.randn(16, 1) * 1.0
+    want = x.clone()
+    for t in sch.timesteps:
+        want = sch.step(net(want, torch.full((16,), float(t))), t, want).prev_sample
+    got = ddim_sample(net, x, sch.timesteps, alphas_cumprod=ABAR, clip_x0=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
