@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import zlib
 from pathlib import Path
 
@@ -158,8 +159,13 @@ def _set_aside(final: Path) -> None:
     shutil.rmtree(final, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | os.PathLike, log=None) -> Path:
-    """Accept a checkpoint folder, a run folder, or a run's ckpt/ folder; the result is intact."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def resolve_checkpoint(path: str | os.PathLike, log=_stderr) -> Path:
+    """Accept a checkpoint folder, a run folder, or a run's ckpt/ folder; the result is intact (each
+    damaged newer step of a run is reported through ``log``, stderr by default)."""
     path = Path(path)
     if (path / "meta.json").exists() or path.name.startswith("step_"):
         reason = damage(path)
@@ -185,6 +191,29 @@ def no_checkpoint(root: Path, skipped: list[tuple[Path, str]]) -> Exception:
 
 def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     return load_file(str(Path(ckpt) / f"{which}.safetensors"))
+
+
+def load_into(module: torch.nn.Module, ckpt: Path, which: str = "ema") -> torch.nn.Module:
+    """Load ``which`` weights of ``ckpt`` into ``module``, the network its meta.json describes; weights of
+    another network are a one-line CheckpointError naming the first tensor that does not fit."""
+    tensors, want = load_weights(ckpt, which), module.state_dict()
+    misfit = _misfit(tensors, want)
+    if misfit:
+        raise CheckpointError(f"{Path(ckpt) / which}.safetensors does not fit the network its meta.json describes "
+                              f"({misfit}): the folder mixes files of different runs; pass a checkpoint folder "
+                              "that sgengine.train wrote whole")
+    module.load_state_dict(tensors)
+    return module
+
+
+def _misfit(tensors: dict, want: dict) -> str | None:
+    for name, t in want.items():
+        if name not in tensors:
+            return f"{name} is missing from the file"
+        if tuple(tensors[name].shape) != tuple(t.shape):
+            return f"{name} is {tuple(tensors[name].shape)} in the file but {tuple(t.shape)} in the network"
+    extra = sorted(set(tensors) - set(want))
+    return f"{extra[0]} is not in the network" if extra else None
 
 
 def load_meta(ckpt: Path) -> dict:

@@ -17,6 +17,7 @@ from .device import resolve_device
 from .guidance.attach import list_attention_layers
 from .sampling import grid_clusters, load_generator, sample
 from .checkpoint import load_meta, resolve_checkpoint
+from .common.paths import check_writable
 from .viz import save_grid
 
 
@@ -100,9 +101,13 @@ def _is_online(path) -> bool:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
+        check_args(args)
         if _is_online(args.ckpt) and not args.list_layers:
+            if args.clusters:
+                raise ValueError("--clusters names clusters of self-labels; an online run has prototypes: "
+                                 "use --prototypes (or --like IMAGE)")
             x, ids, rows = _online(args, device)
             return _write(x, ids, rows, args.out)
         if args.like or args.prototypes:
@@ -111,6 +116,7 @@ def main(argv=None) -> int:
         if args.list_layers:
             print("\n".join(list_attention_layers(gen.net)))
             return 0
+        check_model(gen, args)
         ids, rows = _rows(gen, args)
         x = sample(gen, ids, args.n if ids is None else len(ids), w=args.w, steps=args.steps,
                    sampler=args.sampler, seed=args.seed, progress=True, **_sag(args))
@@ -119,6 +125,53 @@ def main(argv=None) -> int:
         print(f"error: {err.args[0] if err.args else err}{hint}", file=sys.stderr)
         return 2
     return _write(x, ids, rows, args.out)
+
+
+OUT_SUFFIXES = (".png",)  # the grid; the raw samples go beside it as .npz
+
+
+def check_args(args) -> None:
+    """Every flag that needs no checkpoint, checked before one is loaded (one-line ValueErrors)."""
+    for flag, value in (("--n", args.n), ("--steps", args.steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    _check_sag(args)
+    if args.list_layers:
+        return
+    out = Path(args.out)
+    if out.suffix.lower() not in OUT_SUFFIXES:
+        raise ValueError(f"--out {out}: the sample grid is written as a PNG image, so --out must end in "
+                         f"{' or '.join(OUT_SUFFIXES)} (allowed: {', '.join(OUT_SUFFIXES)}), e.g. --out {out.with_suffix('.png')}")
+    for path, what in ((out, "--out"), (out.with_suffix(".npz"), "the raw samples' file")):
+        check_writable(path, what, "choose another --out", folder=False)
+
+
+def _check_sag(args) -> None:
+    """SAG options do nothing without --sag-scale: a typo there must not pass unnoticed."""
+    if args.sag_scale < 0:
+        raise ValueError(f"--sag-scale must be >= 0 (0 = off), got {args.sag_scale}")
+    defaults = build_parser()
+    given = [f"--{dest.replace('_', '-')}" for dest in ("sag_layer", "sag_threshold", "sag_blur", "sag_window")
+             if getattr(args, dest) != defaults.get_default(dest)]
+    if args.sag_scale == 0 and given:
+        raise ValueError(f"{given[0]} has no effect without --sag-scale S (S > 0, e.g. 0.5): "
+                         f"add --sag-scale, or drop {', '.join(given)}")
+
+
+def check_model(gen, args) -> None:
+    """The flags that depend on the checkpoint: --clusters of a conditional model, --sag-layer by name."""
+    if args.clusters:
+        if not gen.k:
+            raise ValueError(f"--clusters needs a conditional model, but {args.ckpt} was trained unconditionally "
+                             "(--condition none): drop --clusters")
+        bad = [c for c in args.clusters if not 0 <= c < gen.k]
+        if bad:
+            raise ValueError(f"--clusters {bad[0]} is not a cluster of this model: ids lie in [0, {gen.k})")
+    if args.sag_scale > 0 and args.sag_layer is not None:
+        layers = list_attention_layers(gen.net)
+        if args.sag_layer not in layers:
+            raise ValueError(f"--sag-layer {args.sag_layer} is not an attention layer of this model; "
+                             f"available: {', '.join(layers)}")
 
 
 def _write(x: torch.Tensor, ids: torch.Tensor | None, rows: int, out: str) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import load_meta, load_weights, resolve_checkpoint
+from .checkpoint import load_into, load_meta, resolve_checkpoint
 from .config import TrainConfig, from_dict
 from .data import to_uint8
 from .diffusion.objectives import Objective, build_network, make_objective, run_sampler
@@ -81,7 +81,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", 
     cfg = from_dict(meta["config"])
     obj = make_objective(cfg)
     net = obj.wrap(build_network(cfg))
-    net.load_state_dict(load_weights(ckpt, which))
+    load_into(net, ckpt, which)  # another network's weights: a one-line error, not a size-mismatch trace
     counts = torch.tensor(meta["cluster_counts"]) if meta.get("cluster_counts") else None
     return Generator(net.to(device).eval(), cfg, counts, obj)
 
