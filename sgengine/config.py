@@ -1,122 +1,152 @@
-"""Training configuration: a frozen dataclass, named presets, strict overrides.
+"""Training configuration: a frozen dataclass, named presets, typed and checked overrides.
 
-Presets follow the papers' tables (appendix Tables 8-10); ``digits`` is the embedded
-default main job and ``tiny`` the test model. Overrides come from the command line
-(``--steps 100 --model.channels 64``) or a JSON file; an unknown key fails loudly.
+Presets follow the papers' tables (appendix Tables 8-10); ``digits`` is the embedded default main
+job and ``tiny`` the test model. Overrides come from the command line (``--steps 100
+--model.channels 64``) or a JSON file (``--config``, nested or dotted keys); both are converted by
+the fields' type hints and checked against their ranges and choices before any work, and an
+unknown key fails loudly.
+
+The parser is our own small layer over argparse (``sgengine.common.flags``), not tyro or
+simple-parsing. Both libraries derive flags from dataclass hints as we do, but neither gives the
+engine's contract without wrapping: tyro prints multi-line boxed errors and has no JSON
+``--config`` conversion; simple-parsing converts by hint but validates no ranges, and its errors are
+argparse's usage block. Either would add a dependency for the ~150 lines that give one-line
+``error: --flag ...`` messages (exit 2), ranges from ``Annotated`` hints shared with the Python
+API, JSON files converted like flags, and the same flags for every CLI.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
+from .common.flags import (ConfigError, Count, FlagParser, Fraction, NonNeg, NonNegInt, Positive, Range,
+                           add_dataclass_flags, collect, flat_fields, from_plain, validate)
+from .diffusion.edm import EDM_PRESETS, EDMConfig
+from .diffusion.flow import SIGMA_MIN
 from .models.unet import UNET_PRESETS, UNetConfig
 from .models.uvit import UVIT_PRESETS, UViTConfig
 
-CONDITIONS = ("self-labels", "labels", "annotations", "none")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
+Condition = Literal["self-labels", "labels", "annotations", "none"]
+CONDITIONS = typing.get_args(Condition)
+# torch.compile modes; 'reduce-overhead' replays the step's kernels as CUDA graphs (static shapes).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES = typing.get_args(CompileMode)
+# '' = the objective's default (ddim / heun / euler); every sampler runs on every objective.
+Sampler = Literal["", "ddim", "ddpm", "euler", "heun", "dopri5"]
+SAMPLERS = typing.get_args(Sampler)[1:]
+Beta = Annotated[float, Range(gt=0, lt=1)]
 
 
 @dataclass(frozen=True)
 class OnlineConfig:
     """Online self-guidance (SPEC section 2): prototypes clustered from the model's own features."""
     enabled: bool = False
-    prototypes: int = 100  # K prototypes (K x d, bias-free, re-normalised every step)
-    feature: str = "cls"  # 'cls': mid-block CLS token; 'patches': every mid-block patch token
-    head_hidden: int = 512  # projection head Linear(d, 512) BN ReLU Linear(512, d)
-    temperature: float = 0.1  # of log_softmax(logits / temperature)
-    sk_eps: float = 0.05  # Sinkhorn-Knopp epsilon
-    sk_iters: int = 3
-    t_low: float = 0.8  # feature-time window (authors' code: t in (0.8, 0.9), t=1 data)
-    t_high: float = 0.9
-    stage_switch: float = 0.5  # sigma: the first sigma*N steps are unconditional
-    p_drop: float = 0.15  # stage-2 condition dropout to the learned null token
+    prototypes: Count = 100  # K prototypes (K x d, bias-free, re-normalised every step)
+    feature: Literal["cls", "patches"] = "cls"  # 'cls': mid-block CLS token; 'patches': every patch token
+    head_hidden: Count = 512  # projection head Linear(d, 512) BN ReLU Linear(512, d)
+    temperature: Positive = 0.1  # of log_softmax(logits / temperature)
+    sk_eps: Positive = 0.05  # Sinkhorn-Knopp epsilon
+    sk_iters: Count = 3  # Sinkhorn-Knopp iterations
+    t_low: Annotated[float, Range(ge=0, le=1)] = 0.8  # feature-time window (authors' code: (0.8, 0.9), t=1 data)
+    t_high: Annotated[float, Range(ge=0, le=1)] = 0.9  # upper end of the feature-time window
+    stage_switch: Annotated[float, Range(ge=0, le=1)] = 0.5  # sigma: the first sigma*N steps are unconditional
+    p_drop: Fraction = 0.15  # stage-2 condition dropout to the learned null token
+
+    def __post_init__(self):
+        validate(self)
+        if self.t_low >= self.t_high:
+            raise ConfigError("t_low", f"must be below t_high ({self.t_high}), got {self.t_low}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "digits"
+    preset: str = "digits"  # the preset these settings started from
     data: str = "digits"  # 'digits', an image folder, or an .npz/.npy array
-    out: str = "runs/digits"
-    model: UNetConfig = field(default_factory=lambda: UNET_PRESETS["digits"])
-    objective: str = "ddpm"  # 'ddpm' (eps, linear betas), 'edm' (cluster-conditioned EDM), 'flow'
-    arch: str = "unet"  # 'unet' (configured by model.*) or 'uvit' (configured by uvit.*)
-    uvit: UViTConfig = field(default_factory=lambda: UVIT_PRESETS["uvit-tiny"])
+    out: str = "runs/digits"  # run folder: checkpoints, samples, metrics
+    objective: Literal["ddpm", "edm", "flow"] = "ddpm"  # ddpm: eps on linear betas; edm: C-EDM; flow: matching
+    arch: Literal["unet", "uvit"] = "unet"  # unet: configured by model.*; uvit: by uvit.*
+    model: UNetConfig | None = field(default_factory=lambda: UNET_PRESETS["digits"])  # UNet (arch unet only)
+    uvit: UViTConfig | None = None  # U-ViT (arch uvit only)
+    edm: EDMConfig | None = None  # EDM schedule, loss and sampler settings (objective edm only)
+    flow_sigma_min: Annotated[float, Range(ge=0, lt=1)] = SIGMA_MIN  # flow path's data-end noise floor
     online: OnlineConfig = field(default_factory=OnlineConfig)
-    condition: str = "self-labels"  # one of CONDITIONS
-    annotations: str = ""  # annotation file from `python -m sgengine.annotate` (condition='annotations')
-    k: int = 10  # clusters for in-process self-labels
-    pca_dim: int = 0  # in-process self-labels: k-means on PCA of pixels (0 = raw pixels; best NMI on digits)
-    steps: int = 1500  # digits: ~6 min on 2 CPU cores; rows of the grid are distinct digits
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup: int = 100  # linear lr warmup steps (500 in the paper)
-    ema_max: float = 0.9999  # EMA decay = min(ema_max, (1 + n) / (10 + n))
-    grad_clip: float = 1.0
-    p_uncond: float = 0.1  # CFG training: per-sample condition dropout
-    T: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    hflip: bool = False
-    log_every: int = 25
-    sample_every: int = 0  # 0: only at the end
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    sample_steps: int = 50  # sampler steps for the grids (DDIM 50 for quick validation; EDM Heun 18)
-    sampler: str = ""  # '' = the objective's default (ddim / heun / euler)
-    guidance_w: float = 2.0
-    grid_rows: int = 10
-    grid_cols: int = 8
-    seed: int = 0
-    device: str = "auto"
+    condition: Condition = "self-labels"  # what the model is conditioned on
+    annotations: str = ""  # annotation file from `python -m sgengine.annotate` (condition annotations)
+    k: Count = 10  # clusters for in-process self-labels
+    pca_dim: NonNegInt = 0  # self-labels: k-means on PCA of pixels (0 = raw pixels; best NMI on digits)
+    steps: Count = 1500  # optimizer steps (digits: ~6 min on 2 CPU cores)
+    batch_size: Count = 32  # images per rank and forward (global: batch_size x world x grad_accum)
+    lr: Positive = 2e-3  # peak learning rate (AdamW)
+    weight_decay: NonNeg = 0.01  # AdamW weight decay
+    warmup: NonNegInt = 100  # linear lr warmup steps (500 in the paper)
+    ema_max: Fraction = 0.9999  # EMA decay = min(ema_max, (1 + n) / (10 + n))
+    grad_clip: NonNeg = 1.0  # gradient norm clip (0 = off)
+    p_uncond: Fraction = 0.1  # CFG training: per-sample condition dropout
+    T: Count = 1000  # DDPM timesteps
+    beta_start: Beta = 1e-4  # DDPM linear betas: first
+    beta_end: Beta = 0.02  # DDPM linear betas: last
+    hflip: bool = False  # random horizontal flips
+    log_every: Count = 25  # steps between metric lines
+    sample_every: NonNegInt = 0  # steps between sample grids (0: only at the end)
+    ckpt_every: NonNegInt = 500  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: NonNegInt = 2  # newest checkpoints kept (0: all)
+    sample_steps: Count = 50  # sampler steps for the grids (DDIM 50 for quick validation; EDM Heun 18)
+    sampler: Sampler = ""  # '' = the objective's default (ddim / heun / euler)
+    guidance_w: NonNeg = 2.0  # CFG scale of the grids
+    grid_rows: Count = 10  # rows (clusters) of the sample grid
+    grid_cols: Count = 8  # samples per row
+    seed: int = 0  # seeds data order, noise and initialisation
+    device: str = "auto"  # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    # Evaluation during training: Frechet distance of EMA samples, best checkpoint kept.
-    eval_every: int = 0  # 0: off
+    eval_every: NonNegInt = 0  # steps between Frechet-distance evaluations of EMA samples (0: off)
     eval_ref: str = ""  # reference: folder, .npz of images, or cached stats .npz
-    eval_n: int = 2000  # samples per evaluation
+    eval_n: Annotated[int, Range(ge=2)] = 2000  # samples per evaluation
     eval_features: str = ""  # feature network: '' = Inception (local weights), or a classifier file
-    # Scale-out and throughput.
     deepspeed: bool = False  # train through DeepSpeed (pip install sgengine[deepspeed])
-    zero_stage: int = 0  # ZeRO stage 0-3 with --deepspeed
-    grad_accum: int = 1  # gradient accumulation steps
+    zero_stage: Literal[0, 1, 2, 3] = 0  # ZeRO stage with --deepspeed
+    grad_accum: Count = 1  # gradient accumulation steps
     ds_config: str = ""  # user DeepSpeed JSON overriding the generated config
     compile: bool = False  # torch.compile the model (falls back to eager when compile fails)
-    # torch.compile mode: 'reduce-overhead' replays the step's kernels as CUDA graphs (static shapes).
-    compile_mode: str = "default"
-    channels_last: bool = False
-    resume: bool = False
+    compile_mode: CompileMode = "default"  # torch.compile mode
+    channels_last: bool = False  # channels-last memory format
+    resume: bool = False  # continue from the last checkpoint in out
 
     def __post_init__(self):
-        if self.condition not in CONDITIONS:
-            raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
-        if self.arch not in ("unet", "uvit"):
-            raise ValueError(f"arch must be 'unet' or 'uvit', got {self.arch!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
-        if self.objective not in ("ddpm", "edm", "flow"):
-            raise ValueError(f"objective must be 'ddpm', 'edm' or 'flow', got {self.objective!r}")
-        if not 0.0 <= self.p_uncond < 1.0:
-            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
-        for name in ("steps", "batch_size", "T"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        validate(self)
+        for name, owner, used in (("model", "arch", self.arch == "unet"), ("uvit", "arch", self.arch == "uvit"),
+                                  ("edm", "objective", self.objective == "edm")):
+            if used and getattr(self, name) is None and name != "edm":  # edm None: EDMConfig()'s defaults
+                raise ConfigError(name, f"must be set for arch {self.arch!r} (a preset or {name}.* settings)")
+            if not used and getattr(self, name) is not None:
+                want = {"model": "unet", "uvit": "uvit", "edm": "edm"}[name]
+                raise ConfigError(name, f"settings apply to {owner} {want!r} only, not {getattr(self, owner)!r}: "
+                                  f"set {owner} {want} (or a preset that does), or drop them")
+
+    @property
+    def network(self) -> UNetConfig | UViTConfig:
+        """The configuration of the network ``arch`` names."""
+        return self.uvit if self.arch == "uvit" else self.model
 
 
 def check_runnable(cfg: TrainConfig) -> None:
     """Checks that need the whole configuration (presets may leave the annotation file to the user)."""
     if cfg.condition == "annotations" and not cfg.annotations:
-        raise ValueError(f"preset {cfg.preset!r} trains on an annotation file: pass --annotations FILE "
-                         "(make one with `python -m sgengine.annotate --data DIR --out FILE`)")
+        raise ConfigError("annotations", f"must name a file: preset {cfg.preset!r} trains on an annotation "
+                          "file (make one with `python -m sgengine.annotate --data DIR --out FILE`)")
 
 
 def _paper(model: str, **kw) -> TrainConfig:
     return TrainConfig(preset=model, model=UNET_PRESETS[model], condition="annotations",
                        weight_decay=0.01, warmup=500, ckpt_every=5000, sample_every=5000,
                        sample_steps=50, grid_cols=8, **kw)
+
+
+def _online(name: str, uvit: UViTConfig, **kw) -> TrainConfig:
+    return TrainConfig(preset=name, out=f"runs/{name}", arch="uvit", objective="flow", condition="none",
+                       model=None, uvit=uvit, **kw)
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -131,124 +161,113 @@ PRESETS: dict[str, TrainConfig] = {
     # Table 10: 64x64 self-boxed / self-segmented guidance, batch 80, lr 1e-4.
     "box64": _paper("box64", out="runs/box64", lr=1e-4, batch_size=80, steps=500_000),
     "seg64": _paper("seg64", out="runs/seg64", lr=1e-4, batch_size=80, steps=500_000),
+    # Cluster-conditioned EDM (SPEC section 3) on 32x32 TEMI clusters: EDM's CIFAR-10 settings
+    # (sigma in [0.002, 80], rho 7, Heun 18 steps), batch 512, lr 1e-3 (EDM Table 7).
+    "cedm32": TrainConfig(preset="cedm32", out="runs/cedm32", objective="edm", edm=EDM_PRESETS["cifar-cedm"],
+                          model=UNET_PRESETS["in32"], condition="annotations", lr=1e-3, batch_size=512,
+                          steps=400_000, warmup=5000, ckpt_every=5000, sample_every=5000, sample_steps=18,
+                          hflip=True),
     # Online self-guidance (SPEC section 2): U-ViT + flow matching, prototypes from its own features.
     # Tiny: 8x8 digits on the CPU; a wider window (0.6, 0.9) so small batches hold in-window samples.
-    "uvit-tiny-online": TrainConfig(preset="uvit-tiny-online", out="runs/uvit-tiny-online", arch="uvit",
-                                    objective="flow", condition="none", model=UNET_PRESETS["tiny"],
-                                    uvit=UVIT_PRESETS["uvit-tiny"], steps=40, batch_size=64, warmup=5,
-                                    online=OnlineConfig(enabled=True, prototypes=10, head_hidden=128,
-                                                        t_low=0.6, t_high=0.9),
-                                    log_every=5, ckpt_every=20, sample_steps=5, guidance_w=1.4,
-                                    grid_rows=4, grid_cols=2),
+    "uvit-tiny-online": _online("uvit-tiny-online", UVIT_PRESETS["uvit-tiny"], steps=40, batch_size=64, warmup=5,
+                                online=OnlineConfig(enabled=True, prototypes=10, head_hidden=128,
+                                                    t_low=0.6, t_high=0.9),
+                                log_every=5, ckpt_every=20, sample_steps=5, guidance_w=1.4, grid_rows=4,
+                                grid_cols=2),
     # U-ViT-S/2 on 32x32x3 images, U-ViT-M/2 on 32x32x4 latents (--data ARRAY); paper Table 4 (ImageNet100:
     # K=300, batch 512, lr 5e-5, no weight decay, 5K warm-up, 40K iterations); g=0.4 is w=1.4.
-    "uvit-s-online": TrainConfig(preset="uvit-s-online", out="runs/uvit-s-online", arch="uvit", objective="flow",
-                                 condition="none", model=UNET_PRESETS["in32"], uvit=UVIT_PRESETS["uvit-s"],
-                                 online=OnlineConfig(enabled=True, prototypes=300), lr=5e-5, weight_decay=0.0,
-                                 batch_size=512, steps=40_000, warmup=5000, ckpt_every=5000, sample_every=5000,
-                                 guidance_w=1.4, hflip=True),
-    "uvit-m-online": TrainConfig(preset="uvit-m-online", out="runs/uvit-m-online", arch="uvit", objective="flow",
-                                 condition="none", model=dataclasses.replace(UNET_PRESETS["in32"], in_channels=4),
-                                 uvit=UVIT_PRESETS["uvit-m"], online=OnlineConfig(enabled=True, prototypes=300),
-                                 lr=5e-5, weight_decay=0.0, batch_size=512, steps=40_000, warmup=5000,
-                                 ckpt_every=5000, sample_every=5000, guidance_w=1.4),
+    "uvit-s-online": _online("uvit-s-online", UVIT_PRESETS["uvit-s"], online=OnlineConfig(enabled=True, prototypes=300),
+                             lr=5e-5, weight_decay=0.0, batch_size=512, steps=40_000, warmup=5000, ckpt_every=5000,
+                             sample_every=5000, guidance_w=1.4, hflip=True),
+    "uvit-m-online": _online("uvit-m-online", UVIT_PRESETS["uvit-m"], online=OnlineConfig(enabled=True, prototypes=300),
+                             lr=5e-5, weight_decay=0.0, batch_size=512, steps=40_000, warmup=5000, ckpt_every=5000,
+                             sample_every=5000, guidance_w=1.4),
 }
-
-
-def _convert(value: str, like):
-    """Parse a command-line string to the type of the field's current value."""
-    if isinstance(like, bool):
-        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"expected a boolean (true/false), got {value!r}")
-        return value.lower() in ("1", "true", "yes")
-    if isinstance(like, tuple):
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    return type(like)(value)
-
-
-def apply_overrides(cfg, overrides: dict):
-    """Replace fields of a (nested) frozen dataclass; 'model.channels' reaches the UNet config."""
-    top, nested = {}, {}
-    names = {f.name for f in fields(cfg)}
-    for key, value in overrides.items():
-        head, _, rest = key.partition(".")
-        if head not in names:
-            raise KeyError(f"unknown config key {key!r} for {type(cfg).__name__}; known: {sorted(names)}")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            current = getattr(cfg, head)
-            top[head] = _convert(value, current) if isinstance(value, str) and not isinstance(current, str) else value
-    for head, sub in nested.items():
-        top[head] = apply_overrides(getattr(cfg, head), sub)
-    return dataclasses.replace(cfg, **top)
 
 
 def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
     return PRESETS[name]
+
+
+def _switch_parts(cfg: TrainConfig, overrides: dict) -> dict:
+    """A new arch or objective swaps the sub-config it uses in (defaults) and the unused one out,
+    unless the overrides set them explicitly."""
+    out = dict(overrides)
+    given = {k.partition(".")[0] for k in out}
+    arch, objective = out.get("arch", cfg.arch), out.get("objective", cfg.objective)
+    for name, used in (("model", arch == "unet"), ("uvit", arch == "uvit"), ("edm", objective == "edm")):
+        if name in given:
+            continue
+        if used and getattr(cfg, name) is None:
+            out[name] = {}  # the sub-config's defaults
+        elif not used and getattr(cfg, name) is not None:
+            out[name] = None
+    return out
+
+
+def apply_overrides(cfg, overrides: dict):
+    """Replace fields of a (nested) frozen config: 'model.channels' or {'model': {'channels': ..}} reach
+    the UNet config; strings are converted by the type hints; every value is checked (ConfigError)."""
+    if isinstance(cfg, TrainConfig):
+        overrides = _switch_parts(cfg, overrides)
+    return from_plain(type(cfg), cfg, overrides)
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _from_plain(cls_default, d: dict):
-    """Rebuild a (nested) frozen dataclass from JSON-like values; unknown keys fail loudly."""
-    names = {f.name for f in fields(cls_default)}
-    unknown = set(d) - names
-    if unknown:
-        raise KeyError(f"unknown config keys {sorted(unknown)} for {type(cls_default).__name__}")
-    out = {}
-    for key, value in d.items():
-        current = getattr(cls_default, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            out[key] = _from_plain(current, value)
-        else:
-            out[key] = tuple(value) if isinstance(value, list) else value
-    return dataclasses.replace(cls_default, **out)
-
-
 def from_dict(d: dict) -> TrainConfig:
-    """Inverse of to_dict; unknown keys fail loudly."""
-    return _from_plain(TrainConfig(), d)
+    """Inverse of to_dict (a checkpoint's meta.json); unknown keys fail loudly. Checkpoints written
+    before unused sub-configs became None carried both networks: the one ``arch`` does not use is dropped."""
+    d = {**d, ("model" if d.get("arch") == "uvit" else "uvit"): None}
+    return from_plain(TrainConfig, TrainConfig(), d)
 
 
-def _flag_names(cfg, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out += _flag_names(value, f"{prefix}{f.name}.")
-        else:
-            out.append((prefix + f.name, value))
-    return out
-
-
-def build_parser(prog: str = "python -m sgengine.train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a self-guided diffusion model. "
-                                "With no arguments: self-labeled guidance on scikit-learn's digits (CPU, minutes).")
-    p.add_argument("--config", help="JSON file of overrides (unknown keys fail)")
-    for name, value in _flag_names(TrainConfig()):
-        if name == "resume":
-            p.add_argument("--resume", action="store_true", default=None,
-                           help="continue from the last checkpoint in --out")
-            continue
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        p.add_argument(f"--{name}", dest=name, default=None, metavar=type(value).__name__.upper(),
-                       help=f"(digits default: {shown})")
+def build_parser(prog: str = "python -m sgengine.train") -> FlagParser:
+    p = FlagParser(prog=prog, usage="%(prog)s [--preset NAME] [--config FILE] [--resume] [--KEY VALUE ...]",
+                   description="Train a self-guided diffusion model. With no arguments: "
+                   "self-labeled guidance on scikit-learn's digits (CPU, minutes).")
+    p.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}", help="settings to start from (default: digits)")
+    p.add_argument("--config", metavar="FILE", help="JSON file of settings (nested or dotted keys; checked like flags)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in --out")
+    add_dataclass_flags(p, TrainConfig, PRESETS["digits"], skip={"preset", "resume"})
     return p
 
 
-def parse_args(argv=None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
-    cfg = preset(args.pop("preset") or "digits")
-    if args.get("config"):
-        with open(args["config"]) as fh:
-            cfg = apply_overrides(cfg, json.load(fh))
-    args.pop("config")
-    overrides = {k: v for k, v in args.items() if v is not None}
-    if overrides.get("resume") is True:
-        overrides["resume"] = True
-    return apply_overrides(cfg, overrides)
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            values = json.load(fh)
+    except OSError as err:
+        raise ConfigError("config", f"cannot read {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError("config", f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(values, dict):
+        raise ConfigError("config", f"{path} must hold a JSON object of settings")
+    return values
+
+
+def config_from_args(args) -> TrainConfig:
+    """The preset, then the --config file, then the flags; ConfigError names the first bad one."""
+    cfg = preset(args.preset or "digits")
+    if args.config:
+        cfg = apply_overrides(cfg, _read_json(args.config))
+    flags = collect(args, [key for key, *_ in flat_fields(TrainConfig, cfg)])
+    if args.resume:
+        flags["resume"] = True
+    cfg = apply_overrides(cfg, flags)
+    check_runnable(cfg)
+    return cfg
+
+
+def parse_args(argv=None, parser: FlagParser | None = None) -> TrainConfig:
+    """The command line as a checked TrainConfig; a bad value exits 2 with one ``error:`` line."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except ConfigError as err:
+        parser.fail(err)

@@ -1,0 +1,300 @@
+"""Typed flags from dataclass type hints: the one parser and validator of every sgengine CLI.
+
+A field's hint says how a string converts and what values are allowed: ``int``, ``float``, ``bool``
+(true/false/1/0/yes/no), ``str``, ``X | None`` ('none' is None), ``Literal[...]`` and enums (the
+choices), ``tuple[int, ...]`` ('1,2,4'), nested dataclasses (``--model.channels``), and
+``Annotated[X, Range(...)]`` for ranges (the aliases ``Count``, ``Positive``, ``Fraction``, ...).
+``validate`` checks a built dataclass against the same hints (frozen configs call it from
+``__post_init__``), so the Python API and the command line refuse the same values.
+
+Errors are ``ConfigError(key, message)``: ``str()`` reads ``lr must be > 0, got -1.0`` (API
+errors never point to flags); the CLI prints ``error: --lr must be > 0, got -1.0`` and exits 2.
+Flags are ``--snake_case``; ``--kebab-case`` spellings are accepted as aliases.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import enum
+import inspect
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval a numeric field must lie in; any bound may be open, closed or absent."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, v) -> bool:
+        return not ((self.ge is not None and v < self.ge) or (self.gt is not None and v <= self.gt)
+                    or (self.le is not None and v > self.le) or (self.lt is not None and v >= self.lt))
+
+    def __str__(self) -> str:
+        lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        return (f">= {self.ge}" if self.ge is not None else f"> {self.gt}" if self.gt is not None
+                else f"<= {self.le}" if self.le is not None else f"< {self.lt}")
+
+
+Count = Annotated[int, Range(ge=1)]  # steps, batch sizes, clusters
+NonNegInt = Annotated[int, Range(ge=0)]  # 0 switches a feature off
+Positive = Annotated[float, Range(gt=0)]
+NonNeg = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]  # probabilities that must leave room, EMA decays
+Unit = Annotated[float, Range(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A value that a field does not allow; ``key`` is its dotted name (``model.channels``)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}")
+        self.key, self.message = key, message
+
+    def as_flag(self) -> str:
+        return f"--{self.key} {self.message}"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A hint taken apart: the base type, whether None is allowed, the choices and the ranges."""
+    base: object
+    optional: bool = False
+    choices: tuple = ()
+    ranges: tuple = ()
+
+
+def kind_of(hint) -> Kind:
+    optional, ranges = False, ()
+    if typing.get_origin(hint) is Annotated:
+        hint, *extra = typing.get_args(hint)
+        ranges = tuple(r for r in extra if isinstance(r, Range))
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, inner = True, kind_of(args[0])
+        return Kind(inner.base, optional, inner.choices, inner.ranges + ranges)
+    if typing.get_origin(hint) is Literal:
+        return Kind(type(typing.get_args(hint)[0]), optional, typing.get_args(hint), ranges)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return Kind(hint, optional, tuple(hint), ranges)
+    return Kind(hint, optional, (), ranges)
+
+
+def hints(cls) -> dict:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _show(choices) -> str:
+    return ", ".join(repr(c) if c == "" else str(c.value if isinstance(c, enum.Enum) else c) for c in choices)
+
+
+def _scalar(text: str, base, key: str):
+    try:
+        if base is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("1", "true", "yes")
+        if isinstance(base, type) and issubclass(base, enum.Enum):
+            return base(text) if text in {str(m.value) for m in base} else base[text]
+        return base(text)
+    except (ValueError, KeyError):
+        name = {int: "an integer", float: "a number", bool: "true or false"}.get(base, getattr(base, "__name__", base))
+        raise ConfigError(key, f"expects {name}, got {text!r}") from None
+
+
+def convert(text: str, hint, key: str):
+    """A command-line string as the value the hint describes (checked by ``check``)."""
+    k = kind_of(hint)
+    if k.optional and text.lower() in ("none", "null"):
+        return None
+    if typing.get_origin(k.base) is tuple:
+        args = typing.get_args(k.base)
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        item_hints = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_hints) != len(items):
+            raise ConfigError(key, f"expects {len(item_hints)} comma-separated values, got {text!r}")
+        value = tuple(convert(t, h, key) for t, h in zip(items, item_hints))
+    else:
+        value = _scalar(text, k.base, key)
+    return check(value, hint, key)
+
+
+def check(value, hint, key: str):
+    """``value`` if the hint allows it (an int where a float goes becomes a float), else ConfigError."""
+    k = kind_of(hint)
+    if value is None:
+        if k.optional:
+            return None
+        raise ConfigError(key, "must be set (None is not allowed)")
+    if k.choices and value not in k.choices:
+        raise ConfigError(key, f"must be one of {_show(k.choices)}, got {value!r}")
+    if typing.get_origin(k.base) is tuple:
+        args = typing.get_args(k.base)
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(key, f"expects comma-separated values, got {value!r}")
+        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        return tuple(check(v, inner or h, key) for v, h in zip(value, [inner] * len(value) if inner else args))
+    if k.base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(k.base, type) and not isinstance(value, k.base) or (k.base is int and isinstance(value, bool)):
+        raise ConfigError(key, f"expects {k.base.__name__}, got {type(value).__name__} {value!r}")
+    for r in k.ranges:
+        if not r.holds(value):
+            raise ConfigError(key, f"must be {r}, got {value!r}")
+    return value
+
+
+def validate(obj, prefix: str = "") -> None:
+    """Check every field of a dataclass instance (nested ones included) against its hint."""
+    for name, hint in hints(type(obj)).items():
+        check(getattr(obj, name), hint, prefix + name)  # nested configs check their own fields when built
+
+
+def nested_class(hint):
+    """The dataclass a (possibly Optional) hint names, or None."""
+    base = kind_of(hint).base
+    return base if dataclasses.is_dataclass(base) else None
+
+
+def from_plain(cls, base, values: dict, prefix: str = ""):
+    """Replace fields of ``base`` (an instance of ``cls``, or None: ``cls()``) from JSON-like or
+    command-line values: dotted keys or nested dicts, strings converted by the hints, unknown keys
+    refused. Returns the new instance; the dataclass's own checks run on it."""
+    base = cls() if base is None else base
+    known = hints(cls)
+    top, nested = {}, {}
+    for key, value in values.items():
+        head, _, rest = key.partition(".")
+        if head not in known:
+            close = difflib.get_close_matches(head, known, 1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(prefix + key, f"is not a setting of {cls.__name__}{hint}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        elif nested_class(known[head]) and isinstance(value, dict):
+            nested.setdefault(head, {}).update(value)
+        else:
+            top[head] = _typed(value, known[head], prefix + head)
+    for head, sub in nested.items():
+        sub_cls = nested_class(known[head])
+        if sub_cls is None:
+            raise ConfigError(prefix + head, "has no sub-settings")
+        top[head] = from_plain(sub_cls, top.get(head, getattr(base, head)), sub, f"{prefix}{head}.")
+    try:
+        return dataclasses.replace(base, **top)
+    except ConfigError as err:
+        raise ConfigError(prefix + err.key, err.message) from None
+    except (ValueError, TypeError) as err:  # a sub-config's own cross-field check, e.g. UViTConfig's
+        key = prefix + next(iter(top)) if len(top) == 1 else prefix.rstrip(".") or cls.__name__
+        raise ConfigError(key, f"is refused: {err}") from None
+
+
+def _typed(value, hint, key):
+    if isinstance(value, str) and kind_of(hint).base is not str:
+        return convert(value, hint, key)
+    if nested_class(hint) and value is not None and not dataclasses.is_dataclass(value):
+        raise ConfigError(key, f"expects settings of {nested_class(hint).__name__}, got {value!r}")
+    return check(value, hint, key)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in the class source: its help text."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.M))
+
+
+def metavar(hint) -> str:
+    k = kind_of(hint)
+    if k.choices:
+        text = "{" + ",".join("''" if c == "" else str(c.value if isinstance(c, enum.Enum) else c) for c in k.choices) + "}"
+    elif typing.get_origin(k.base) is tuple:
+        args = typing.get_args(k.base)
+        text = f"{args[0].__name__.upper()},..." if args[-1] is Ellipsis else ",".join(a.__name__.upper() for a in args)
+    else:
+        text = getattr(k.base, "__name__", str(k.base)).upper()
+    return text + ("|none" if k.optional else "")
+
+
+def flat_fields(cls, default, prefix: str = ""):
+    """(dotted key, hint, default value, help) of every leaf field, nested dataclasses expanded."""
+    docs = field_docs(cls)
+    for name, hint in hints(cls).items():
+        value = getattr(default, name) if default is not None else None
+        sub = nested_class(hint)
+        if sub is not None:
+            yield from flat_fields(sub, value if value is not None else sub(), f"{prefix}{name}.")
+        else:
+            yield prefix + name, hint, value, docs.get(name, "")
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def kebab_alias(argv: list[str]) -> list[str]:
+    """--kebab-case -> --snake_case (the one spelling), values and single-dash flags untouched; a
+    negative number after a flag is joined to it (``--lr=-1e-3``: argparse reads ``-1e-3`` as a flag)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        elif arg.startswith("-") and _number(arg) and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1], arg = f"{out[-1]}={arg}", None
+        if arg is not None:
+            out.append(arg)
+    return out
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with the engine's conventions: one-line ``error: ...`` and exit 2, kebab aliases,
+    a close match suggested for an unknown flag."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(kebab_alias(list(sys.argv[1:] if args is None else args)), namespace)
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flags = [s for a in self._actions for s in a.option_strings]
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, 1)
+            message = f"unknown flag {unknown.group(1)}" + (f" (did you mean {close[0]}?)" if close else "") \
+                + f"; see {self.prog} --help"
+        self.exit(2, f"error: {message}\n")
+
+    def fail(self, err: ConfigError):
+        self.error(err.as_flag())
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default, skip=()) -> None:
+    """One ``--key`` per leaf field (values parsed later by ``collect``, so every error names its flag)."""
+    for key, hint, value, doc in flat_fields(cls, default):
+        if key in skip:
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        parser.add_argument(f"--{key}", dest=key, default=None, metavar=metavar(hint),
+                            help=f"{doc} (default: {shown})" if doc else f"(default: {shown})")
+
+
+def collect(namespace: argparse.Namespace, keys) -> dict:
+    """The flags the user gave, as {dotted key: string}."""
+    args = vars(namespace)
+    return {k: args[k] for k in keys if args.get(k) is not None}
