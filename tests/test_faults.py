@@ -135,3 +135,12 @@ def test_a_ckpt_path_that_cannot_be_a_folder_fails_before_k_means(tmp_path, caps
     assert capsys.readouterr().err.strip() == (f"error: --out's ckpt/ folder {out / 'ckpt'} is a file, not a "
                                                "folder: choose another --out")
     assert not (out / "annotations.safetensors").exists() and (out / "ckpt").read_text() == "not a folder"
+
+
+def test_annotate_checks_its_outputs_before_extracting(tmp_path, capsys):
+    from sgengine.annotate.__main__ import main as annotate
+
+    (tmp_path / "f").write_text("x")
+    assert annotate(["--data", "digits", "--k", "4", "--out", str(tmp_path / "f" / "a.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {tmp_path / 'f' / 'a.safetensors'} cannot be created: "
+                                               f"{tmp_path / 'f'} is a file, not a folder; choose another path")

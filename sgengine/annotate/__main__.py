@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..common.paths import check_writable
 from ..data import ImageData, load_data, report_skipped
 from ..device import resolve_device
 from ..eval.cluster import cluster_report, format_report
@@ -142,11 +143,22 @@ def run(args) -> tuple[Annotations, dict]:
     return ann, report
 
 
+def check_outputs(args) -> None:
+    """The annotation file, the --inspect image and the feature cache, checked before any feature is extracted."""
+    fix = "choose another path"
+    check_writable(args.out, "--out", fix, folder=False)
+    if args.inspect:
+        check_writable(args.inspect, "--inspect", fix, folder=False)
+    if _cache_dir(args) is not None:
+        check_writable(_cache_dir(args), "the feature cache", "choose another --cache, or --cache none")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(args)
         ann, report = run(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError, ImportError) as err:
+    except (ValueError, OSError, KeyError, RuntimeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     lay = "" if ann.layout is None else f", layout {tuple(ann.layout.shape[1:])}"
