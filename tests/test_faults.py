@@ -2,6 +2,7 @@
 non-finite weights, outputs that cannot be written. Each asserts the one-line message and that
 nothing older was lost."""
 import dataclasses
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -144,3 +145,15 @@ def test_annotate_checks_its_outputs_before_extracting(tmp_path, capsys):
     assert annotate(["--data", "digits", "--k", "4", "--out", str(tmp_path / "f" / "a.safetensors")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --out {tmp_path / 'f' / 'a.safetensors'} cannot be created: "
                                                f"{tmp_path / 'f'} is a file, not a folder; choose another path")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_resume_takes_the_new_lr(tmp_path):
+    out = tmp_path / "z2"
+    Trainer(_cfg(out, steps=2, deepspeed=True, zero_stage=2), log=lambda *a: None).run()
+    logs = []
+    tr = Trainer(_cfg(out, steps=3, deepspeed=True, zero_stage=2, lr=5e-4, resume=True), log=logs.append)
+    assert "--resume: optimiser settings changed: lr 0.002 -> 0.0005" in logs
+    assert [g["lr"] for g in tr.engine.optimizer.param_groups] == pytest.approx([5e-4 * 3 / 5])  # warmup 5: step 2
+    tr.run()
+    assert tr.sched.get_last_lr() == pytest.approx([5e-4 * 4 / 5])
