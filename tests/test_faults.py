@@ -105,7 +105,7 @@ def test_non_finite_weights_are_never_saved_and_resume_takes_a_lower_lr(two_step
     with pytest.raises(NonFiniteLoss) as err:
         tr.run()
     msg = str(err.value)
-    assert msg.startswith("the weights became non-finite by step 5 (") and "in the model and" in msg
+    assert msg.startswith("the weights became non-finite by step 5 (") and "(non-finite values: " in msg and "in the model, " in msg
     assert f"nothing was saved, the last good checkpoint is {out / 'ckpt' / 'step_00000004'}" in msg
     assert "Lower --lr" in msg and "\n" not in msg
     assert latest_checkpoint(out).name == "step_00000004" and _snapshot(out / "ckpt" / "step_00000004") == good

@@ -35,7 +35,7 @@ from ..viz import save_grid
 from . import distributed as D, ds  # imports no DeepSpeed until a run asks for it
 from .ema import ema_decay, ema_update
 from .logger import MetricsLogger
-from .objectives import build_network, make_objective
+from ..diffusion.objectives import build_network, make_objective
 from .resume import apply_optimiser_settings, config_changes, describe_changes, nonfinite_counts, resume_point
 
 SELF_LABELS_FILE = "annotations.safetensors"  # in --out; written by the train CLI (sgengine/train.py)
@@ -376,8 +376,8 @@ class Trainer:
         bad = ranks.from_main(nonfinite_counts(model=model.state_dict(), EMA=self.ema.state_dict())
                               if self.dist.main else None)
         if bad:
-            counts = " and ".join(f"{n} in the {name}" for name, n in bad.items())
-            raise NonFiniteLoss(f"the weights became non-finite by step {self.step} ({counts} non-finite values); "
+            counts = ", ".join(f"{n} in the {name}" for name, n in bad.items())
+            raise NonFiniteLoss(f"the weights became non-finite by step {self.step} (non-finite values: {counts}); "
                                 f"nothing was saved, {self._last_good()}. {NAN_ADVICE}")
 
     def _extra_files(self, folder: Path, stage: Path | None) -> None:
