@@ -5,9 +5,10 @@ cluster ids) to an .npz beside it.
 """
 from __future__ import annotations
 
-import argparse
 import sys
+import types
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,49 +18,38 @@ from .device import resolve_device
 from .guidance.attach import list_attention_layers
 from .sampling import grid_clusters, load_generator, sample
 from .checkpoint import load_meta, resolve_checkpoint
+from .common.flags import Count, FlagParser, NonNeg, NonNegInt, add_typed
 from .common.paths import check_writable
+from .diffusion.samplers import SAMPLERS
 from .viz import save_grid
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sgengine.sample", description=__doc__.splitlines()[0])
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="python -m sgengine.sample", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="run folder (--out of sgengine.train) or ckpt/step_* folder")
-    p.add_argument("--n", type=int, default=64, help="number of samples (spread over the clusters' rows)")
-    p.add_argument("--w", type=float, default=2.0, help="CFG scale: eps_u + w (eps_c - eps_u); 0 = unconditional")
-    p.add_argument("--clusters", type=int, nargs="*", default=None,
-                   help="cluster ids, one grid row each; default: drawn from the training frequencies")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default=None,
-                   help="ddim|ddpm (ddpm objective), heun|euler (edm), euler|heun|dopri5 (flow); default per objective")
-    p.add_argument("--prototypes", type=int, nargs="*", default=None,
-                   help="online self-guidance runs: prototype ids, one grid row each (default: the most used)")
+    add_typed(p, "--n", Count, default=64, help="number of samples (spread over the clusters' rows)")
+    add_typed(p, "--w", NonNeg, default=2.0, help="CFG scale: eps_u + w (eps_c - eps_u); 0 = unconditional")
+    add_typed(p, "--clusters", NonNegInt, nargs="*", default=None,
+              help="cluster ids, one grid row each; default: drawn from the training frequencies")
+    add_typed(p, "--steps", Count, default=50, help="sampler steps")
+    add_typed(p, "--sampler", Literal[tuple(sorted(SAMPLERS))] | None, default=None,
+              help="any sampler on every objective; default per objective (ddim / heun / euler)")
+    add_typed(p, "--prototypes", NonNegInt, nargs="*", default=None,
+              help="online self-guidance runs: prototype ids, one grid row each (default: the most used)")
     p.add_argument("--like", default=None, help="online runs: condition on the prototype of this exemplar image")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    add_typed(p, "--seed", int, default=0)
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     p.add_argument("--out", default="samples.png", help="PNG grid; the raw samples go to the same name .npz")
     g = p.add_argument_group("self-attention guidance (Hong et al.; SPEC section 4)")
-    g.add_argument("--sag-scale", type=float, default=0.0, help="SAG scale s (0 = off; ~0.1-1.0)")
-    g.add_argument("--sag-layer", default=None, help="attention layer to read (default: mid-block); see --list-layers")
-    g.add_argument("--sag-threshold", type=float, default=1.0, help="mask = attention mass > threshold")
-    g.add_argument("--sag-blur", type=_pair(int, float), default=(9, 1.0), metavar="K,SIGMA",
-                   help="Gaussian blur kernel size (odd) and sigma, e.g. 9,1.0")
-    g.add_argument("--sag-window", type=_pair(float, float), default=None, metavar="LO,HI",
-                   help="apply SAG only for LO <= t <= HI in the sampler's time (timestep / sigma / flow t)")
-    g.add_argument("--list-layers", action="store_true", help="print the checkpoint's attention layers and exit")
+    add_typed(g, "--sag_scale", float, default=0.0, help="SAG scale s (0 = off; ~0.1-1.0)")
+    g.add_argument("--sag_layer", default=None, help="attention layer to read (default: mid-block); see --list_layers")
+    add_typed(g, "--sag_threshold", float, default=1.0, help="mask = attention mass > threshold")
+    add_typed(g, "--sag_blur", tuple[int, float], default=(9, 1.0), metavar="K,SIGMA",
+              help="Gaussian blur kernel size (odd) and sigma, e.g. 9,1.0")
+    add_typed(g, "--sag_window", tuple[float, float], default=None, metavar="LO,HI",
+              help="apply SAG only for LO <= t <= HI in the sampler's time (timestep / sigma / flow t)")
+    g.add_argument("--list_layers", action="store_true", help="print the checkpoint's attention layers and exit")
     return p
-
-
-def _pair(first, second):
-    """argparse type for 'A,B' -> (first(A), second(B))."""
-    def parse(text: str):
-        parts = text.split(",")
-        if len(parts) != 2:
-            raise argparse.ArgumentTypeError(f"expected two comma-separated values like 9,1.0, got {text!r}")
-        try:
-            return first(parts[0]), second(parts[1])
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
-    return parse
 
 
 def _rows(gen, args) -> tuple[torch.Tensor | None, int]:
@@ -182,6 +172,16 @@ def _write(x: torch.Tensor, ids: torch.Tensor | None, rows: int, out: str) -> in
     print(f"wrote {out} ({len(imgs)} samples, {rows} rows) and {out.with_suffix('.npz')}")
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """Importing this CLI module rebinds the package attribute ``sgengine.sample`` (the public function
+    ``sgengine.sampling.sample``) to the module; calling the module keeps ``sg.sample(gen, ...)`` working."""
+
+    def __call__(self, *args, **kwargs):
+        return sample(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,9 +14,38 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]  # line colours, first for single-series plots
 
 
-def make_grid(images: torch.Tensor, rows: int, pad: int = 1) -> np.ndarray:
-    """uint8 (N, C, H, W) -> uint8 (H', W', 3) grid with ``rows`` rows, filled row by row."""
+def as_uint8(images: torch.Tensor, value_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Images (N, C, H, W) as uint8: uint8 unchanged; floats mapped from ``value_range`` to [0, 255].
+
+    ``value_range`` None infers it: (-1, 1), the engine's samples, when any value is negative, else
+    (0, 1). Values outside the range, or another dtype, raise a ValueError naming the fix, so a grid
+    is never written black (or white) by a silent clamp.
+    """
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise ValueError(f"images must be a (N, C, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 or floating point, got {images.dtype}: convert them first")
+    x = images.detach().float().cpu()
+    if not torch.isfinite(x).all():
+        raise ValueError("images hold NaN or inf values: nothing sensible to draw")
+    lo, hi = value_range if value_range is not None else ((-1.0, 1.0) if float(x.min()) < 0 else (0.0, 1.0))
+    tol = 1e-3 * (hi - lo)
+    if float(x.min()) < lo - tol or float(x.max()) > hi + tol:
+        raise ValueError(f"float images span [{float(x.min()):.3g}, {float(x.max()):.3g}], outside the range "
+                         f"[{lo:g}, {hi:g}]: pass value_range=(low, high), e.g. (0, 255), or uint8 images")
+    return ((x.clamp(lo, hi) - lo) * (255.0 / (hi - lo))).round().to(torch.uint8)
+
+
+def make_grid(images: torch.Tensor, rows: int, pad: int = 1, value_range=None) -> np.ndarray:
+    """Images (N, C, H, W) (see ``as_uint8``) -> uint8 (H', W', 3) grid with ``rows`` rows, row by row."""
+    images = as_uint8(images, value_range)
     n, c, h, w = images.shape
+    if c not in (1, 3, 4):
+        raise ValueError(f"images need 1, 3 or 4 channels to draw, got {c}")
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
     cols = math.ceil(n / rows)
     img = images.expand(-1, 3, -1, -1) if c == 1 else images[:, :3]
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
@@ -27,9 +56,11 @@ def make_grid(images: torch.Tensor, rows: int, pad: int = 1) -> np.ndarray:
     return grid
 
 
-def save_grid(images: torch.Tensor, rows: int, path: str | os.PathLike, scale: int = 1) -> Path:
-    """Save a PNG grid (one row per cluster when images are ordered by cluster)."""
-    im = Image.fromarray(make_grid(images, rows))
+def save_grid(images: torch.Tensor, rows: int, path: str | os.PathLike, scale: int = 1,
+              value_range: tuple[float, float] | None = None) -> Path:
+    """Save a PNG grid of images (N, C, H, W) with ``rows`` rows (one per cluster when ordered by
+    cluster): uint8, or floats in [-1, 1] / [0, 1] / ``value_range`` (checked, see ``as_uint8``)."""
+    im = Image.fromarray(make_grid(images, rows, value_range=value_range))
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     path = Path(path)
