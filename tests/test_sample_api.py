@@ -174,3 +174,26 @@ def test_cli_samples_every_objective_with_every_sampler(runs, objective, tmp_pat
         got[sampler] = np.load(png.with_suffix(".npz"))["images"]
         assert got[sampler].shape == (4, 1, 8, 8) and png.exists()
     assert not np.array_equal(got["euler"], got["heun"])  # the sampler is really the one named
+
+
+def test_readme_sag_example_on_a_text_conditional_diffusers_unet():
+    diffusers = pytest.importorskip("diffusers")
+    from sgengine.diffusion import sample
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=6, attention_head_dim=4, layers_per_block=1).eval()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    context, empty = torch.randn(2, 5, 6), torch.zeros(5, 6)
+    net = sg.DiffusersDenoiser(unet, null_context=empty)
+    param = sg.eps_param(scheduler.alphas_cumprod)
+    layer = "mid_block.attentions.0.transformer_blocks.0.attn1"
+    assert layer in sg.list_attention_layers(net)
+    noise = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        with sg.SAG(net, param, layer, scale=0.75, w=7.5, y=context) as guided:
+            x = sample(param, guided, noise, 3, sampler="ddim")
+        plain = sample(param, sg.CFG(net, 7.5, y=context), noise, 3, sampler="ddim")
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and not torch.allclose(x, plain)
