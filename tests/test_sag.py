@@ -402,7 +402,9 @@ def test_cli_samples_with_sag_from_a_trained_checkpoint(tmp_path, objective, cap
     images = np.load(png.with_suffix(".npz"))["images"]
     assert images.shape == (4, 1, 8, 8) and images.dtype == np.uint8
     assert sample_main(["--ckpt", str(run), "--sag-scale", "0.5", "--sag-layer", "bad"]) == 2
-    assert "available layers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'bad'" in err or "bad is not" in err
+    assert "mid.1.attn" in err  # the error names the layers to choose from
 
 
 # --- online (prototype) checkpoints: the same guidance stack from the CLI --------------------------

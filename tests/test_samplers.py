@@ -156,3 +156,19 @@ def test_ddim_equals_diffusers_ddim_scheduler():
         want = sch.step(net(want, torch.full((16,), float(t))), t, want).prev_sample
     got = ddim_sample(net, x, sch.timesteps, alphas_cumprod=ABAR, clip_x0=False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMS))
+def test_input_gain_is_the_derivative_of_the_prediction_at_fixed_eps(kind):
+    """SAG's correction term: d pred / d x_t holding eps fixed, checked by a central difference."""
+    param = PARAMS[kind]
+    t = {"eps": 400.0, "v": 400.0, "edm": 2.0, "flow": 0.4}[kind]
+    t = torch.full((3,), t, dtype=torch.float64)
+    a, b = (c.view(-1, 1) for c in _ab(kind, t))
+    x_t, eps, h = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64), 1e-4
+
+    def pred(x):
+        return param.prediction((x - b * eps) / a, eps, t)
+
+    fd = (pred(x_t + h) - pred(x_t - h)) / (2 * h)
+    torch.testing.assert_close(fd, param.input_gain(t).double().view(-1, 1).expand_as(fd), rtol=1e-4, atol=1e-4)

@@ -67,7 +67,7 @@ def make_objective(cfg) -> Objective:
     and optionally ``edm`` (an EDMConfig) and ``flow_sigma_min``."""
     if cfg.objective == "ddpm":
         return Objective("ddpm", EpsilonLoss(cfg.T, cfg.beta_start, cfg.beta_end), _identity,
-                         parameterization_for("ddpm", cfg.T, cfg.beta_start, cfg.beta_end), "ddim", clip_x0=True)
+                         parameterization_for("ddpm", cfg), "ddim", clip_x0=True)
     if cfg.objective == "edm":
         e = getattr(cfg, "edm", None) or EDMConfig()
         return Objective("edm", e.loss(), lambda net: EDMPrecond(net, e.sigma_data),

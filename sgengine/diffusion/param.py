@@ -210,14 +210,13 @@ def flow_param(sigma_min: float = flow.SIGMA_MIN, sigma_max: float = FLOW_SIGMA_
         gain, grid)
 
 
-def parameterization_for(objective: str, T: int = 1000, beta_start: float = 1e-4,
-                         beta_end: float = 0.02) -> Parameterization:
-    """The Parameterization of ``objective``: 'ddpm' (eps on linear betas T, beta_start, beta_end;
-    defaults: DDPM's), 'v' (v on the same), 'edm' or 'flow'. A TrainConfig may be passed as T."""
-    if not isinstance(T, int):  # a config object carrying T / beta_start / beta_end
-        T, beta_start, beta_end = T.T, T.beta_start, T.beta_end
+def parameterization_for(objective: str, cfg=None) -> Parameterization:
+    """The Parameterization of ``objective``: 'ddpm' / 'eps' (eps on linear betas), 'v' (v on the same),
+    'edm' or 'flow'. The betas are DDPM's (T = 1000, 1e-4 .. 0.02) unless ``cfg`` (any object with
+    ``T``, ``beta_start``, ``beta_end``, e.g. a TrainConfig) gives others."""
     if objective in ("ddpm", "eps", "v"):
-        abar = alphas_cumprod(linear_betas(T, beta_start, beta_end))
+        T, lo, hi = (1000, 1e-4, 0.02) if cfg is None else (cfg.T, cfg.beta_start, cfg.beta_end)
+        abar = alphas_cumprod(linear_betas(T, lo, hi))
         return v_param(abar) if objective == "v" else eps_param(abar)
     if objective == "edm":
         return edm_param()

@@ -34,8 +34,8 @@ def _check_args(blur, window, threshold) -> None:
     if int(k) != k or k < 1 or k % 2 == 0 or not sigma > 0:
         raise ValueError(f"blur must be (odd kernel_size >= 1, sigma > 0), e.g. (9, 1.0); got {blur}")
     if window is not None and not (len(window) == 2 and window[0] <= window[1]):
-        raise ValueError(f"window must be (t_lo, t_hi) with t_lo <= t_hi in the sampler's own time "
-                         f"(timestep, sigma or flow t), or None for every step; got {window}")
+        raise ValueError(f"window must be (t_lo, t_hi) with t_lo <= t_hi in the network's own time "
+                         f"(DDPM timestep, EDM sigma or flow t, whatever the sampler), or None for every step; got {window}")
     if threshold != threshold:
         raise ValueError("threshold must be a number (1.0: above-average attention), got nan")
 
@@ -46,7 +46,8 @@ class SAG:
 
     net_or_cfg: the objective-wrapped network, or a ``CFG`` (its w and condition are used).
     w: CFG scale for a conditional model (with ``y=...``); None: no CFG (the condition, if any,
-    is kept for both forwards). window: apply SAG only for t_lo <= t <= t_hi; outside it and for
+    is kept for both forwards). window: apply SAG only for t_lo <= t <= t_hi (the network's own time,
+    whatever the sampler); outside it and for
     scale = 0 the step is exactly the unguided one (no extra forward). Use as a context manager
     (or call ``close()``) to restore the network's attention hook.
     """
