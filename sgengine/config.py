@@ -26,6 +26,7 @@ from .common.flags import (ConfigError, Count, FlagParser, Fraction, NonNeg, Non
                            add_dataclass_flags, collect, flat_fields, from_plain, validate)
 from .diffusion.edm import EDM_PRESETS, EDMConfig
 from .diffusion.flow import SIGMA_MIN
+from .diffusion.samplers import SAMPLERS
 from .models.unet import UNET_PRESETS, UNetConfig
 from .models.uvit import UVIT_PRESETS, UViTConfig
 
@@ -35,8 +36,7 @@ CONDITIONS = typing.get_args(Condition)
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES = typing.get_args(CompileMode)
 # '' = the objective's default (ddim / heun / euler); every sampler runs on every objective.
-Sampler = Literal["", "ddim", "ddpm", "euler", "heun", "dopri5"]
-SAMPLERS = typing.get_args(Sampler)[1:]
+Sampler = Literal[("", *sorted(SAMPLERS))]
 Beta = Annotated[float, Range(gt=0, lt=1)]
 
 

@@ -2,10 +2,10 @@
 small equal budget").
 
   python -m sgengine.experiment compare --data DIR|digits --methods none,labels,self-labeled:pca \\
-      --budget-steps 2000 [--size 32] [--preset digits] [--eval-n 2000] [--features ...] --out DIR
+      --budget_steps 2000 [--size 32] [--preset digits] [--eval_n 2000] [--features ...] --out DIR
 
 Every method trains with the same preset, step budget and seed (same initialisation and batches),
-is evaluated every ``--eval-every`` steps on its EMA model (Fréchet distance of ``--eval-n``
+is evaluated every ``--eval_every`` steps on its EMA model (Fréchet distance of ``--eval_n``
 samples, conditions drawn from the training cluster frequencies), and the results go to
 results.md, results.json and distance.png (distance against steps, one line per method).
 Methods: none | labels | self-labeled[:pixels|pca|diffusion[:RUN]|<timm name>].
@@ -14,18 +14,20 @@ its figures are FD_classifier, not Inception FID.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .common.flags import (ConfigError, Count, FlagParser, NonNeg, NonNegInt, Range, add_dataclass_flags, collect,
+                           validate)
 from .config import apply_overrides, preset
 from .data import ImageData, load_data
 from .device import resolve_device
@@ -41,28 +43,27 @@ BASE_METHODS = ("none", "labels", "self-labeled")
 class CompareConfig:
     data: str = "digits"
     methods: tuple[str, ...] = BASE_METHODS
-    budget_steps: int = 1500
+    budget_steps: Count = 1500
     out: str = "runs/compare"
     preset: str = "digits"
-    size: int = 0  # 0: the preset's image size
-    channels: int = 0  # 0: 1 for the digits, 3 otherwise
-    eval_n: int = 500
-    eval_every: int = 0  # 0: four evaluations over the budget
+    size: NonNegInt = 0  # 0: the preset's image size
+    channels: NonNegInt = 0  # 0: 1 for the digits, 3 otherwise
+    eval_n: Annotated[int, Range(ge=2)] = 500
+    eval_every: NonNegInt = 0  # 0: four evaluations over the budget
     features: str = "classifier"  # 'classifier' = trained on the data's labels; or inception|dinov2:F|classifier:F
     ref: str = ""  # '' = the training data itself
-    k: int = 0  # self-label clusters; 0: the number of label classes (else the preset's k)
-    pca_dim: int = 32  # for self-labeled:pca
+    k: NonNegInt = 0  # self-label clusters; 0: the number of label classes (else the preset's k)
+    pca_dim: Count = 32  # for self-labeled:pca
     extractor_weights: str = ""  # local weights for self-labeled:<timm name>
-    clf_epochs: int = 10
-    clf_max_iters: int = 0  # 0: no cap (quick runs and tests cap it)
-    w: float = 2.0
-    sample_steps: int = 0  # 0: the preset's
+    clf_epochs: Count = 10
+    clf_max_iters: NonNegInt = 0  # 0: no cap (quick runs and tests cap it)
+    w: NonNeg = 2.0
+    sample_steps: NonNegInt = 0  # 0: the preset's
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
-        if self.budget_steps < 1 or self.eval_n < 2:
-            raise ValueError(f"budget_steps must be >= 1 and eval_n >= 2, got {self.budget_steps}, {self.eval_n}")
+        validate(self)
         methods = [parse_method(m) for m in self.methods]  # every method checked before any training
         if any(m.features == "diffusion" for m in methods) and "none" not in self.methods:
             raise ValueError("self-labeled:diffusion clusters the unconditional model's features: put 'none' in "
@@ -281,27 +282,22 @@ HELP = {"methods": "comma-separated: none, labels, self-labeled[:pixels|pca|diff
         "eval_every": "steps between evaluations (default: budget / 4)"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sgengine.experiment")
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="python -m sgengine.experiment")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="train each guidance method with the same budget and compare sample quality")
-    defaults = CompareConfig()
-    for f in dataclasses.fields(CompareConfig):
-        value = getattr(defaults, f.name)
-        shown = ",".join(value) if isinstance(value, tuple) else value
-        c.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                       help=f"{HELP.get(f.name, '')} (default: {shown})")
+    add_dataclass_flags(c, CompareConfig, CompareConfig(), docs=HELP)
     return p
 
 
 def parse_args(argv=None) -> CompareConfig:
     parser = build_parser()
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k != "command"}
-    if "methods" in args:
-        args["methods"] = tuple(m.strip() for m in args["methods"].split(",") if m.strip())
+    args = collect(parser.parse_args(argv), [f.name for f in dataclasses.fields(CompareConfig)])
     try:
         return apply_overrides(CompareConfig(), args)
-    except ValueError as err:  # bad methods or numbers: a usage error, not a traceback
+    except ConfigError as err:
+        parser.fail(err)
+    except ValueError as err:  # bad methods: a usage error, not a traceback
         parser.error(str(err))
 
 

@@ -90,7 +90,10 @@ def _is_online(path) -> bool:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # a bad flag (its one error line printed; 2) or --help (0)
+        return stop.code
     try:
         device = resolve_device(args.device)
         check_args(args)

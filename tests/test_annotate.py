@@ -207,7 +207,7 @@ def test_wrong_or_corrupt_vit_weights_are_clear_errors(tmp_path):
 def _tiny_run(tmp_path):
     from sgengine.config import PRESETS, to_dict
     from sgengine.checkpoint import save_checkpoint
-    from sgengine.training.objectives import build_network, make_objective
+    from sgengine.diffusion.objectives import build_network, make_objective
 
     cfg = PRESETS["tiny"]
     net = make_objective(cfg).wrap(build_network(cfg))

@@ -24,7 +24,7 @@ BAD_FLAGS = [  # (argv, text the one error line must contain)
     (["--ema_max", "1.5"], "--ema_max must be in [0, 1), got 1.5"),
     (["--ema_max", "1"], "--ema_max must be in [0, 1)"),
     (["--p_uncond", "-0.1"], "--p_uncond must be in [0, 1)"),
-    (["--sampler", "ddim2"], "--sampler must be one of '', ddim, ddpm, euler, heun, dopri5, got 'ddim2'"),
+    (["--sampler", "ddim2"], "--sampler must be one of '', ddim, ddpm, dopri5, euler, heun, got 'ddim2'"),
     (["--objective", "vp"], "--objective must be one of ddpm, edm, flow, got 'vp'"),
     (["--condition", "clusters"], "--condition must be one of self-labels, labels, annotations, none"),
     (["--zero_stage", "4"], "--zero_stage must be one of 0, 1, 2, 3, got 4"),

@@ -6,7 +6,7 @@
 
 Methods (SPEC section 1 and 3): labels (L2-normalised global features + k-means), temi (TEMI
 clusters), boxes (self-labels + LOST box mask), segments (STEGO-style segment masks + multi-hot).
-Extractors: pixels, pca, any timm ViT name (--weights FILE for a local checkpoint, --img-size for
+Extractors: pixels, pca, any timm ViT name (--weights FILE for a local checkpoint, --img_size for
 its input size), diffusion:<run_dir> (--layer, --t). Features are cached (--cache).
 """
 from __future__ import annotations
@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from ..common.flags import Count, FlagParser, Fraction, Positive, add_typed
 from ..common.paths import check_writable
 from ..data import ImageData, load_data, report_skipped
 from ..device import resolve_device
@@ -27,42 +29,42 @@ METHODS = ("labels", "temi", "boxes", "segments")
 NEEDS = {"labels": ("cls",), "temi": ("cls",), "boxes": ("cls", "keys"), "segments": ("cls", "patches")}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sgengine.annotate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="python -m sgengine.annotate", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="'digits', an image folder, or an .npz/.npy file")
-    p.add_argument("--method", choices=METHODS, default="labels")
+    add_typed(p, "--method", Literal[METHODS], default="labels", help="what to annotate (see above)")
     p.add_argument("--extractor", default="pixels",
                    help="pixels | pca | <timm ViT name, e.g. vit_small_patch16_224.dino> | diffusion:<run_dir>")
     p.add_argument("--weights", help="local ViT weights (.pth / .safetensors; timm or DINO layout); "
                                      "without it the hub's pretrained weights are fetched (online only)")
-    p.add_argument("--img-size", type=int, help="ViT input size (default: the model's own, e.g. 224)")
+    add_typed(p, "--img_size", Count | None, help="ViT input size (default: the model's own, e.g. 224)")
     p.add_argument("--layer", default="mid", help="diffusion block: index, 'mid' or module name")
-    p.add_argument("--t", type=float, help="diffusion noise level (ddpm timestep, flow time, edm sigma)")
-    p.add_argument("--pca-dim", type=int, default=64, help="dimensions for --extractor pca")
-    p.add_argument("--patch", type=int, default=4, help="pixel patch size of the pixels / pca extractor")
-    p.add_argument("--k", type=int, required=True, help="number of clusters / segments")
-    p.add_argument("--size", type=int, default=32, help="training resolution (layouts are stored at it)")
-    p.add_argument("--channels", type=int, default=3, help="image channels when reading a folder")
+    add_typed(p, "--t", float | None, help="diffusion noise level (ddpm timestep, flow time, edm sigma)")
+    add_typed(p, "--pca_dim", Count, default=64, help="dimensions for --extractor pca")
+    add_typed(p, "--patch", Count, default=4, help="pixel patch size of the pixels / pca extractor")
+    add_typed(p, "--k", Count, required=True, help="number of clusters / segments")
+    add_typed(p, "--size", Count, default=32, help="training resolution (layouts are stored at it)")
+    add_typed(p, "--channels", Count, default=3, help="image channels when reading a folder")
     p.add_argument("--out", required=True, help="annotation file to write (.safetensors)")
     p.add_argument("--inspect", help="also write a PNG of example images per cluster (rows = clusters)")
-    p.add_argument("--labels-metrics", action="store_true",
+    p.add_argument("--labels_metrics", action="store_true",
                    help="require labels in the data (NMI / ARI / accuracy are printed whenever labels exist)")
-    p.add_argument("--epochs", type=int, default=100, help="TEMI epochs")
-    p.add_argument("--temi-heads", type=int, default=16, help="TEMI heads (the best one is used)")
-    p.add_argument("--temi-lr", type=float, default=5e-4, help="TEMI learning rate per 256 samples")
-    p.add_argument("--temi-momentum", type=float, default=0.996,
-                   help="TEMI teacher EMA start (paper: 0.996 for ~20k steps; small data sets with a few "
-                        "hundred steps in all do better with ~0.95 and --temi-lr 1e-2)")
-    p.add_argument("--steps", type=int, default=2000, help="STEGO head training steps")
+    add_typed(p, "--epochs", Count, default=100, help="TEMI epochs")
+    add_typed(p, "--temi_heads", Count, default=16, help="TEMI heads (the best one is used)")
+    add_typed(p, "--temi_lr", Positive, default=5e-4, help="TEMI learning rate per 256 samples")
+    add_typed(p, "--temi_momentum", Fraction, default=0.996,
+              help="TEMI teacher EMA start (paper: 0.996 for ~20k steps; small data sets with a few "
+                   "hundred steps in all do better with ~0.95 and --temi_lr 1e-2)")
+    add_typed(p, "--steps", Count, default=2000, help="STEGO head training steps")
     p.add_argument("--crf", action="store_true",
                    help="refine --method segments per pixel with a dense CRF (STEGO's settings; exact, in PyTorch)")
-    p.add_argument("--crf-iters", type=int, default=10, help="mean-field iterations of --crf")
-    p.add_argument("--lost-k", type=int, default=100, help="LOST expansion set size")
-    p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch size")
+    add_typed(p, "--crf_iters", Count, default=10, help="mean-field iterations of --crf")
+    add_typed(p, "--lost_k", Count, default=100, help="LOST expansion set size")
+    add_typed(p, "--batch_size", Count, default=64, help="feature extraction batch size")
     p.add_argument("--cache", default="auto", help="feature cache folder ('auto': next to --out; 'none': off)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
-    p.add_argument("--seed", type=int, default=0)
+    add_typed(p, "--seed", int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -122,7 +124,7 @@ def _check(args, data: ImageData) -> None:
     if args.crf and args.method != "segments":
         raise ValueError("--crf refines segment masks: use it with --method segments")
     if args.labels_metrics and data.labels is None:
-        raise ValueError(f"--labels-metrics: {args.data} has no labels (class sub-folders or 'y' in the .npz)")
+        raise ValueError(f"--labels_metrics: {args.data} has no labels (class sub-folders or 'y' in the .npz)")
 
 
 def run(args) -> tuple[Annotations, dict]:

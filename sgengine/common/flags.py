@@ -264,6 +264,24 @@ def kebab_alias(argv: list[str]) -> list[str]:
     return out
 
 
+def typed(hint):
+    """An argparse ``type=`` from a hint: ``parser.add_argument("--n", type=typed(Count))``; its
+    errors read ``error: --n must be >= 1, got 0`` like the dataclass flags'."""
+    def parse(text: str):
+        try:
+            return convert(text, hint, "")
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(err.message) from None
+    parse.__name__ = metavar(hint)
+    return parse
+
+
+def add_typed(parser, flag: str, hint, **kw):
+    """``add_argument`` with the hint's converter and metavar (INT, FLOAT|none, {a,b}, ...)."""
+    kw.setdefault("metavar", metavar(hint))
+    return parser.add_argument(flag, type=typed(hint), **kw)
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse with the engine's conventions: one-line ``error: ...`` and exit 2, kebab aliases,
     a close match suggested for an unknown flag."""
@@ -272,10 +290,13 @@ class FlagParser(argparse.ArgumentParser):
         return super().parse_known_args(kebab_alias(list(sys.argv[1:] if args is None else args)), namespace)
 
     def error(self, message: str):
+        typed_value = re.match(r"argument (--\w[\w.]*)(?:/\S+)?: (.*)$", message, re.S)
+        if typed_value:  # argparse's "argument --n: msg" in the one style: "--n msg"
+            message = f"{typed_value.group(1)} {typed_value.group(2)}"
         unknown = re.match(r"unrecognized arguments: (\S+)", message)
         if unknown:
             flags = [s for a in self._actions for s in a.option_strings]
-            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, 1)
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, 1, cutoff=0.75)
             message = f"unknown flag {unknown.group(1)}" + (f" (did you mean {close[0]}?)" if close else "") \
                 + f"; see {self.prog} --help"
         self.exit(2, f"error: {message}\n")
@@ -284,11 +305,13 @@ class FlagParser(argparse.ArgumentParser):
         self.error(err.as_flag())
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default, skip=()) -> None:
-    """One ``--key`` per leaf field (values parsed later by ``collect``, so every error names its flag)."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default, skip=(), docs=None) -> None:
+    """One ``--key`` per leaf field (values parsed later by ``collect``, so every error names its flag);
+    ``docs`` overrides the help taken from the fields' comments."""
     for key, hint, value, doc in flat_fields(cls, default):
         if key in skip:
             continue
+        doc = (docs or {}).get(key, doc)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         parser.add_argument(f"--{key}", dest=key, default=None, metavar=metavar(hint),
                             help=f"{doc} (default: {shown})" if doc else f"(default: {shown})")

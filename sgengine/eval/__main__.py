@@ -9,13 +9,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
+from ..common.flags import Count, FlagParser, add_typed
 from ..device import resolve_device
 from .runner import evaluate_images, feature_network, load_images, reference
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sgengine.eval", description=(
+def eval_parser() -> FlagParser:
+    p = FlagParser(prog="python -m sgengine.eval", description=(
         "Frechet distance (FID with Inception), Inception Score and improved precision/recall of a set of "
         "samples against a reference. Subcommand: train-classifier (a substitute feature network)."))
     p.add_argument("--samples", required=True, help="folder of images or .npz/.npy array of generated samples")
@@ -23,27 +25,27 @@ def eval_parser() -> argparse.ArgumentParser:
                    "(statistics are cached next to the reference, keyed by the feature network)")
     p.add_argument("--features", default="inception",
                    help="inception (default) | dinov2:FILE (FD_DINOv2) | classifier:FILE (not Inception)")
-    p.add_argument("--inception-weights", help="local Inception file (else $SGENGINE_INCEPTION_WEIGHTS)")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--inception_weights", help="local Inception file (else $SGENGINE_INCEPTION_WEIGHTS)")
+    add_typed(p, "--batch_size", Count, default=250, help="images per feature-network forward")
     p.add_argument("--device", default="auto", type=resolve_device, help="'auto': CUDA when available")
     p.add_argument("--out", help="write the report as JSON here")
     return p
 
 
-def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sgengine.eval train-classifier", description=(
+def train_parser() -> FlagParser:
+    p = FlagParser(prog="python -m sgengine.eval train-classifier", description=(
         "Train a small ResNet on labelled images (class folders, digits, or .npz with 'y') as a Frechet "
         "feature network when the Inception weights are unavailable. Cached: an existing --out is kept."))
     p.add_argument("--data", required=True, help="'digits', a folder of class sub-folders (Tiny ImageNet: its train/ folder), "
                    "or .npz with 'y' labels")
     p.add_argument("--out", required=True, help="classifier file to write (e.g. clf.pt)")
-    p.add_argument("--size", type=int, default=32, help="image size the classifier sees (inputs are resized)")
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-iters", type=int, default=None, help="cap on optimiser steps (quick runs)")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    add_typed(p, "--size", Count, default=32, help="image size the classifier sees (inputs are resized)")
+    add_typed(p, "--channels", Literal[1, 3], default=3, help="image channels")
+    add_typed(p, "--epochs", Count, default=10, help="training epochs")
+    add_typed(p, "--max_iters", Count | None, default=None, help="cap on optimiser steps (quick runs)")
+    add_typed(p, "--width", Count, default=32, help="channels of the first ResNet stage")
+    add_typed(p, "--batch_size", Count, default=128, help="training batch size")
+    add_typed(p, "--seed", int, default=0)
     p.add_argument("--device", default="auto", type=resolve_device, help="'auto': CUDA when available")
     return p
 
@@ -71,7 +73,7 @@ def run_train(args: argparse.Namespace) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-classifier"]:
+    if argv[:1] in (["train-classifier"], ["train_classifier"]):
         run_train(train_parser().parse_args(argv[1:]))
         return 0
     args = eval_parser().parse_args(argv)
@@ -80,10 +82,11 @@ def main(argv=None) -> int:
     except FileNotFoundError as err:
         if args.features not in ("", "inception") or "Inception" not in str(err):
             raise
-        sys.exit(f"{err}\n\nPass a local copy with --inception-weights FILE. Without Inception weights, "
-                 "measure a Frechet distance in a substitute network: "
-                 "`python -m sgengine.eval train-classifier --data REF_DIR --out clf.pt`, then "
-                 "--features classifier:clf.pt (reported as FD_classifier, not FID).")
+        print(f"error: {' '.join(str(err).split())} Pass a local copy with --inception_weights FILE; without "
+              "Inception weights, measure a Frechet distance in a substitute network: `python -m sgengine.eval "
+              "train-classifier --data REF_DIR --out clf.pt`, then --features classifier:clf.pt (reported as "
+              "FD_classifier, not FID).", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=1))
     return 0
 

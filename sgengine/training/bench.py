@@ -12,7 +12,6 @@ backward of a separate copy of the network; MFU = flops_per_img * img_per_s / pe
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -24,8 +23,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..common.flags import Count, FlagParser, Positive, add_typed
 from ..config import TrainConfig, build_parser, parse_args
-from .objectives import build_network
+from ..diffusion.objectives import build_network
 from .trainer import Trainer
 
 # Dense bf16 tensor-core peaks (vendor spec sheets, FLOP/s). SPEC section 5 measured ~800 TFLOP/s on the H100.
@@ -95,15 +95,17 @@ def bench(cfg: TrainConfig, steps: int = 50, peak: float | None = None, warmup: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sgengine.training.bench", add_help=True,
-                                description="Training throughput (img/s, FLOPs, MFU); any training flag applies.")
-    p.add_argument("--steps", type=int, default=50, help="timed optimizer steps (after 3 warm-up steps)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="peak for MFU (default: detect the GPU)")
+    prog = "python -m sgengine.training.bench"
+    p = FlagParser(prog=prog, add_help=False)
+    add_typed(p, "--steps", Count, default=50, help="timed optimizer steps (after 3 warm-up steps)")
+    add_typed(p, "--peak_tflops", Positive | None, default=None, help="peak for MFU (default: detect the GPU)")
     own, rest = p.parse_known_args(argv)
+    train = build_parser(prog)
     if "--help" in rest or "-h" in rest:
-        build_parser().print_help()
+        p.print_help()
+        train.print_help()
         return 0
-    cfg = parse_args(rest)
+    cfg = parse_args(rest, parser=train)
     peak = own.peak_tflops * 1e12 if own.peak_tflops else None
     print(json.dumps(bench(cfg, own.steps, peak), indent=1))
     return 0
