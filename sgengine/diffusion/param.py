@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from . import edm, flow
-from .schedules import alphas_cumprod, linear_betas
+from .schedules import alphas_cumprod, linear_betas, spaced_timesteps
 
 FLOW_SIGMA_MAX = 500.0  # the flow grid starts at t0 = 1 / (1 + FLOW_SIGMA_MAX - s) ~ 0.002 (t = 0: sigma = inf)
 
@@ -121,42 +121,52 @@ class Denoiser:
 
 # -- discrete alpha-bar schedules (DDPM): eps or v prediction ------------------------------------
 
-def _abar_fn(abar: torch.Tensor) -> Callable:
-    """alpha-bar at (fractional) timesteps, linear between the table's entries; exact at integers."""
-    table = abar.double().cpu()
+class _Table:
+    """An alpha-bar table kept once per device, so converting times never copies or syncs per step."""
 
+    def __init__(self, abar: torch.Tensor):
+        self.cpu, self.copies = abar.detach().double().cpu(), {}
+
+    def on(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self.copies:
+            self.copies[key] = self.cpu.to(device)
+        return self.copies[key]
+
+
+def _abar_fn(table: _Table) -> Callable:
+    """alpha-bar at (fractional) timesteps, linear between the table's entries; exact at integers."""
     def at(t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0, len(table) - 1)
+        tab = table.on(t.device)
+        t = t.double().clamp(0, len(tab) - 1)
         lo = t.floor().long()
-        hi = (lo + 1).clamp(max=len(table) - 1)
-        return (table[lo] + (t - lo) * (table[hi] - table[lo])).to(torch.as_tensor(t).device)
+        hi = (lo + 1).clamp(max=len(tab) - 1)
+        return tab[lo] + (t - lo) * (tab[hi] - tab[lo])
     return at
 
 
-def _vp_time(abar: torch.Tensor) -> Callable:
-    """Timestep of sigma on the schedule: alpha-bar = 1 / (1 + sigma^2), inverted piecewise linearly."""
-    table = abar.double().cpu()
-
+def _vp_time(table: _Table) -> Callable:
+    """Timestep of sigma on the schedule: alpha-bar = 1 / (1 + sigma^2), inverted piecewise linearly;
+    within 1e-4 of an integer it is that integer (the grid's own levels round-trip exactly)."""
     def time(sigma: torch.Tensor) -> torch.Tensor:
-        dev = sigma.device
-        target = 1 / (1 + sigma.double().cpu() ** 2)
-        hi = torch.searchsorted(-table, -target).clamp(1, len(table) - 1)  # table[hi] <= target
+        tab = table.on(sigma.device)
+        target = 1 / (1 + sigma.double() ** 2)
+        hi = torch.searchsorted(-tab, -target).clamp(1, len(tab) - 1)  # tab[hi] <= target
         lo = hi - 1
-        frac = ((table[lo] - target) / (table[lo] - table[hi])).clamp(0, 1)
-        return (lo + frac).to(dev)
+        t = lo + ((tab[lo] - target) / (tab[lo] - tab[hi])).clamp(0, 1)
+        return torch.where((t - t.round()).abs() < 1e-4, t.round(), t)
     return time
 
 
 def _vp(name, abar, to_x0_eps, to_pred, gain_fn) -> Parameterization:
-    at = _abar_fn(abar)
-    t_of = _vp_time(abar)
+    table = _Table(torch.as_tensor(abar))
+    at, t_of = _abar_fn(table), _vp_time(table)
 
     def coeffs(t):
-        a = at(t)
+        a = at(torch.as_tensor(t))
         return a.sqrt(), (1 - a).sqrt()
 
     def grid(steps):
-        from .schedules import spaced_timesteps
         ts = spaced_timesteps(len(abar), steps).double()
         a = at(ts)
         return torch.cat([((1 - a) / a).sqrt(), ts.new_zeros(1)])
