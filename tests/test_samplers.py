@@ -172,3 +172,46 @@ def test_input_gain_is_the_derivative_of_the_prediction_at_fixed_eps(kind):
 
     fd = (pred(x_t + h) - pred(x_t - h)) / (2 * h)
     torch.testing.assert_close(fd, param.input_gain(t).double().view(-1, 1).expand_as(fd), rtol=1e-4, atol=1e-4)
+
+
+# --- peer agreement: k-diffusion's samplers, transcribed (k-diffusion is not a dependency) ---------------
+
+def _kdiff_heun(model, x, sigmas, second_order=True):
+    """k_diffusion.sampling.sample_heun / sample_euler without churn, step by step."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = (x - model(x, s * torch.ones(len(x), dtype=x.dtype))) / s
+        dt = s_next - s
+        if not second_order or s_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, s_next * torch.ones(len(x), dtype=x.dtype))) / s_next
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def _kdiff_euler_ancestral(model, x, sigmas, eta, g):
+    """k_diffusion.sampling.sample_euler_ancestral with get_ancestral_step(sigma, sigma_next, eta)."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, s * torch.ones(len(x), dtype=x.dtype))
+        up = min(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+        down = (s_next**2 - up**2) ** 0.5
+        x = x + (x - denoised) / s * (down - s)
+        if s_next > 0:
+            x = x + torch.randn(x.shape, dtype=x.dtype, generator=g) * up
+    return x
+
+
+@pytest.mark.parametrize("kind", ["eps", "edm", "flow"])
+def test_heun_euler_and_ddim_equal_k_diffusion(kind):
+    den = PARAMS[kind].denoiser(exact_net(kind))
+    x, sig = torch.randn(6, 1, dtype=torch.float64) * 10, karras_sigmas(7, 0.05, 10.0)
+    levels = sig.tolist()
+    torch.testing.assert_close(SAMPLERS["heun"](den, x, sig), _kdiff_heun(den, x, levels), rtol=0, atol=1e-12)
+    torch.testing.assert_close(SAMPLERS["euler"](den, x, sig), _kdiff_heun(den, x, levels, False), rtol=0, atol=1e-12)
+    for eta in (0.0, 0.5, 1.0):
+        got = SAMPLERS["ddim"](den, x, sig, eta=eta, generator=torch.Generator().manual_seed(3))
+        want = _kdiff_euler_ancestral(den, x, levels, eta, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
