@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         x = sample(gen, ids, args.n if ids is None else len(ids), w=args.w, steps=args.steps,
                    sampler=args.sampler, seed=args.seed, progress=True, **_sag(args))
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
-        hint = " (list them with --list-layers)" if isinstance(err, KeyError) else ""
+        hint = " (list them with --list_layers)" if isinstance(err, KeyError) else ""
         print(f"error: {err.args[0] if err.args else err}{hint}", file=sys.stderr)
         return 2
     return _write(x, ids, rows, args.out)
@@ -124,11 +124,8 @@ OUT_SUFFIXES = (".png",)  # the grid; the raw samples go beside it as .npz
 
 
 def check_args(args) -> None:
-    """Every flag that needs no checkpoint, checked before one is loaded (one-line ValueErrors)."""
-    for flag, value in (("--n", args.n), ("--steps", args.steps)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    _check_sag(args)
+    """The flags the parser cannot judge alone, checked before a checkpoint is loaded (one-line ValueErrors)."""
+    _check_sag(args)  # --n and --steps >= 1 are the parser's
     if args.list_layers:
         return
     out = Path(args.out)
@@ -140,19 +137,19 @@ def check_args(args) -> None:
 
 
 def _check_sag(args) -> None:
-    """SAG options do nothing without --sag-scale: a typo there must not pass unnoticed."""
+    """SAG options do nothing without --sag_scale: a typo there must not pass unnoticed."""
     if args.sag_scale < 0:
-        raise ValueError(f"--sag-scale must be >= 0 (0 = off), got {args.sag_scale}")
+        raise ValueError(f"--sag_scale must be >= 0 (0 = off), got {args.sag_scale}")
     defaults = build_parser()
-    given = [f"--{dest.replace('_', '-')}" for dest in ("sag_layer", "sag_threshold", "sag_blur", "sag_window")
+    given = [f"--{dest}" for dest in ("sag_layer", "sag_threshold", "sag_blur", "sag_window")
              if getattr(args, dest) != defaults.get_default(dest)]
     if args.sag_scale == 0 and given:
-        raise ValueError(f"{given[0]} has no effect without --sag-scale S (S > 0, e.g. 0.5): "
-                         f"add --sag-scale, or drop {', '.join(given)}")
+        raise ValueError(f"{given[0]} has no effect without --sag_scale S (S > 0, e.g. 0.5): "
+                         f"add --sag_scale, or drop {', '.join(given)}")
 
 
 def check_model(gen, args) -> None:
-    """The flags that depend on the checkpoint: --clusters of a conditional model, --sag-layer by name."""
+    """The flags that depend on the checkpoint: --clusters of a conditional model, --sag_layer by name."""
     if args.clusters:
         if not gen.k:
             raise ValueError(f"--clusters needs a conditional model, but {args.ckpt} was trained unconditionally "
@@ -163,7 +160,7 @@ def check_model(gen, args) -> None:
     if args.sag_scale > 0 and args.sag_layer is not None:
         layers = list_attention_layers(gen.net)
         if args.sag_layer not in layers:
-            raise ValueError(f"--sag-layer {args.sag_layer} is not an attention layer of this model; "
+            raise ValueError(f"--sag_layer {args.sag_layer} is not an attention layer of this model; "
                              f"available: {', '.join(layers)}")
 
 

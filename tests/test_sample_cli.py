@@ -38,9 +38,9 @@ def _error(capsys, *argv) -> str:
     (["--n", "-3"], "--n must be >= 1, got -3"),
     (["--out", "{tmp}/grid"], "--out {tmp}/grid: the sample grid is written as a PNG image, so --out must end in "
                               ".png (allowed: .png), e.g. --out {tmp}/grid.png"),
-    (["--sag-layer", "nope"], "--sag-layer has no effect without --sag-scale S (S > 0, e.g. 0.5): add --sag-scale, "
-                              "or drop --sag-layer"),
-    (["--sag-scale", "-1"], "--sag-scale must be >= 0 (0 = off), got -1.0"),
+    (["--sag_layer", "nope"], "--sag_layer has no effect without --sag_scale S (S > 0, e.g. 0.5): add --sag_scale, "
+                              "or drop --sag_layer"),
+    (["--sag_scale", "-1"], "--sag_scale must be >= 0 (0 = off), got -1.0"),
 ])
 def test_flags_are_checked_before_the_checkpoint_is_read(runs, capsys, tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -59,8 +59,8 @@ def test_clusters_need_a_conditional_model_and_ids_in_range(runs, capsys, tmp_pa
 
 
 def test_an_unknown_sag_layer_lists_the_available_ones(runs, capsys, tmp_path):
-    msg = _error(capsys, "--ckpt", runs["cond"], "--sag-scale", "0.5", "--sag-layer", "nope", "--out", tmp_path / "s.png")
-    assert msg.startswith("--sag-layer nope is not an attention layer of this model; available: ")
+    msg = _error(capsys, "--ckpt", runs["cond"], "--sag_scale", "0.5", "--sag_layer", "nope", "--out", tmp_path / "s.png")
+    assert msg.startswith("--sag_layer nope is not an attention layer of this model; available: ")
     assert len(msg.split("available: ")[1].split(", ")) >= 1 and not list(tmp_path.iterdir())
 
 
