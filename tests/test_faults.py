@@ -157,3 +157,15 @@ def test_deepspeed_resume_takes_the_new_lr(tmp_path):
     assert [g["lr"] for g in tr.engine.optimizer.param_groups] == pytest.approx([5e-4 * 3 / 5])  # warmup 5: step 2
     tr.run()
     assert tr.sched.get_last_lr() == pytest.approx([5e-4 * 4 / 5])
+
+
+def test_eval_checks_its_out_before_any_feature(tmp_path, capsys):
+    from sgengine.eval.__main__ import main as evaluate
+
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" / "report.json"
+    assert evaluate(["--samples", str(tmp_path / "none.npz"), "--ref", str(tmp_path / "none.npz"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --out {out} cannot be created: {tmp_path / 'f'} is a file, "
+                                               "not a folder; choose another --out")
+    assert evaluate(["train-classifier", "--data", "digits", "--out", str(tmp_path / "f" / "c.pt")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..common.flags import Count, FlagParser, add_typed
+from ..common.paths import check_writable
 from ..device import resolve_device
 from .runner import evaluate_images, feature_network, load_images, reference
 
@@ -73,23 +74,33 @@ def run_train(args: argparse.Namespace) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["train-classifier"], ["train_classifier"]):
-        run_train(train_parser().parse_args(argv[1:]))
-        return 0
-    args = eval_parser().parse_args(argv)
+    train = argv[:1] in (["train-classifier"], ["train_classifier"])
+    args = train_parser().parse_args(argv[1:]) if train else eval_parser().parse_args(argv)
     try:
+        if args.out:  # before features are extracted or a classifier is trained
+            check_writable(args.out, "--out", "choose another --out", folder=False)
+        if train:
+            run_train(args)
+            return 0
         report = run_eval(args)
     except FileNotFoundError as err:
-        if args.features not in ("", "inception") or "Inception" not in str(err):
-            raise
-        print(f"error: {' '.join(str(err).split())} Pass a local copy with --inception_weights FILE; without "
-              "Inception weights, measure a Frechet distance in a substitute network: `python -m sgengine.eval "
-              "train-classifier --data REF_DIR --out clf.pt`, then --features classifier:clf.pt (reported as "
-              "FD_classifier, not FID).", file=sys.stderr)
+        print(f"error: {_missing(err, args)}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1))
     return 0
 
+
+def _missing(err: FileNotFoundError, args) -> str:
+    """Missing Inception weights name both ways out; any other missing file is said as it is."""
+    if getattr(args, "features", None) not in ("", "inception") or "Inception" not in str(err):
+        return str(err)
+    return (f"{' '.join(str(err).split())} Pass a local copy with --inception_weights FILE; without "
+            "Inception weights, measure a Frechet distance in a substitute network: `python -m sgengine.eval "
+            "train-classifier --data REF_DIR --out clf.pt`, then --features classifier:clf.pt (reported as "
+            "FD_classifier, not FID).")
 
 if __name__ == "__main__":
     sys.exit(main())
