@@ -3,6 +3,7 @@ non-finite weights, outputs that cannot be written. Each asserts the one-line me
 nothing older was lost."""
 import dataclasses
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -169,3 +170,14 @@ def test_eval_checks_its_out_before_any_feature(tmp_path, capsys):
                                                "not a folder; choose another --out")
     assert evaluate(["train-classifier", "--data", "digits", "--out", str(tmp_path / "f" / "c.pt")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_checkpoints_from_before_checksums_still_load(two_steps, tmp_path):
+    out = _copy(two_steps, tmp_path)
+    ckpt = out / "ckpt" / "step_00000004"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["files"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert damage(ckpt) is None and resolve_checkpoint(out) == ckpt
+    (ckpt / "state.pt").unlink()
+    assert damage(ckpt) == "state.pt is missing" and latest_checkpoint(out).name == "step_00000002"
