@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -206,7 +205,7 @@ def train_and_track(cfg, cc: CompareConfig, extractor, ref: Reference, log=print
         if trainer.step % every == 0 or trainer.step == cc.budget_steps:
             rep = evaluate_generator(trainer.generator(), ref, extractor, cc.eval_n, w=cc.w,
                                      steps=trainer.cfg.sample_steps, seed=cc.seed, progress=False)
-            curve.append({"step": trainer.step, "loss": float(np.mean(losses)), **_scores(rep)})
+            curve.append({"step": trainer.step, "loss": float(torch.stack(losses).mean()), **_scores(rep)})
             losses = []
     finished = trainer.finish()
     k = trainer.ann.k if trainer.ann is not None else 0

@@ -17,7 +17,8 @@ from sgengine.config import preset
 from sgengine.sampling import load_generator, sample
 from sgengine.training import distributed as D
 from sgengine.checkpoint import load_weights
-from sgengine.training.trainer import CompileOrEager, Trainer
+from sgengine.training.engines import CompileOrEager
+from sgengine.training.trainer import Trainer
 from sgengine.viz import read_jsonl
 
 STEPS, B = 4, 8
@@ -165,7 +166,7 @@ def test_deepspeed_bf16_checkpoints_fp32_weights_near_the_fp32_run(tmp_path, ref
     user = tmp_path / "bf16.json"
     user.write_text(json.dumps({"bf16": {"enabled": True}}))  # generated configs enable bf16 on CUDA only
     tr = Trainer(_cfg(tmp_path / "bf", grad_accum=2, deepspeed=True, zero_stage=3, ds_config=str(user)))
-    assert tr._bf16()
+    assert tr.engine.bf16
     tr.run()
     ckpt = tmp_path / "bf" / "ckpt" / f"step_{STEPS:08d}"
     for which in ("ema", "model"):

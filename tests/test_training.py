@@ -1,4 +1,6 @@
 import dataclasses
+import os
+import sys
 
 import pytest
 import torch
@@ -83,6 +85,41 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monke
     with pytest.raises(NonFiniteLoss, match="at step 5.*step_00000004"):
         tr.run()
     assert latest_checkpoint(tmp_path / "run").name == "step_00000004"
+
+
+def test_nan_between_log_points_is_named_at_the_next_one(tmp_path):
+    """The loss is read only at log points (tiny: every 5 steps), yet the first bad step is named."""
+    tr = Trainer(_cfg(tmp_path, steps=10, ckpt_every=0))
+    real = tr.loss_fn
+    tr.loss_fn = lambda net, x, **kw: real(net, x, **kw) * (float("inf") if tr.step == 1 else 1.0)
+    with pytest.raises(NonFiniteLoss, match="loss became inf at step 2; no checkpoint was written yet"):
+        tr.run()
+    assert tr.step == 5
+
+
+def test_train_step_never_waits_for_the_host_or_the_other_ranks(tmp_path, monkeypatch):
+    """No tensor is read on the host and nothing is reduced over ranks inside a step: a CUDA (graph)
+    run keeps queueing work; the loss is read once per log point."""
+    from sgengine.common import ranks
+
+    tr, reads = Trainer(_cfg(tmp_path, steps=4, grad_accum=2)), []
+
+    def watch(name, real):
+        def read(self, *a):
+            caller = sys._getframe(1).f_code.co_filename  # torch's own CPU Adam reads its step count: not ours
+            if f"{os.sep}sgengine{os.sep}" in caller:
+                reads.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return real(self, *a)
+        return read
+
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, watch(name, getattr(torch.Tensor, name)))
+    for name in ("sum_over_ranks", "min_over_ranks", "mean_over_ranks"):
+        monkeypatch.setattr(ranks, name, lambda *a, _n=name: reads.append(_n))
+    loss = tr.train_step()
+    assert reads == [] and loss.dim() == 0
+    monkeypatch.undo()
+    assert torch.isfinite(loss) and tr._check_loss() == pytest.approx(float(loss))
 
 
 def test_cli_overrides_and_unknown_keys():

@@ -43,6 +43,14 @@ def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def min_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Elementwise minimum of a tensor over all ranks (a detached copy)."""
+    value = value.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
 def mean_over_ranks(value: torch.Tensor) -> float:
     """The mean of a scalar over all ranks (the loss every rank logs is the global one)."""
     return float(sum_over_ranks(value)) / world_size()

@@ -151,12 +151,11 @@ class OnlineTrainer(Trainer):
         cfg = self.cfg
         self.clustering = OnlineClustering(cfg.uvit.dim, cfg.online).to(self.device)
         # phi and M join the optimizer (Algorithm 1 line 19); the schedule is rebuilt to cover them.
-        self.opt.add_param_group({"params": list(self.clustering.parameters())})
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.sched.lr_lambdas[0])
+        self.engine.add_params(self.clustering.parameters())
         self.loss_fn = self._loss
         self.switch_step = int(round(cfg.online.stage_switch * cfg.steps))
         self.usage = torch.zeros(cfg.online.prototypes, dtype=torch.long)
-        self.sk_window: list[float] = []
+        self.sk_window: list[torch.Tensor] = []
 
     def _resume(self):
         ckpt = super()._resume()
@@ -188,7 +187,7 @@ class OnlineTrainer(Trainer):
         cap = _Capture(net)
         fm = self.objective.loss(cap, x, generator=generator, **cond)
         sk = self.sk_loss(net, cap.x_t, cap.t)
-        self.sk_window.append(float(sk.detach()))
+        self.sk_window.append(sk.detach())  # read at log points: no host sync per step
         return fm + self.sk_w() * sk
 
     def sk_w(self) -> float:
@@ -213,9 +212,9 @@ class OnlineTrainer(Trainer):
         return loss
 
     # -- logs, checkpoints, grids -----------------------------------------------------------
-    def _log(self, window, t0, bar):
-        now = super()._log(window, t0, bar)
-        sk = sum(self.sk_window) / max(len(self.sk_window), 1)
+    def _log(self, t0, bar):
+        now = super()._log(t0, bar)
+        sk = float(torch.stack(self.sk_window).mean()) if self.sk_window else 0.0
         self.sk_window = []
         done = 1 if self.step <= self.switch_step else 2  # the stage of the steps just logged
         rec = {"step": self.step, "stage": done, "sk_loss": sk,

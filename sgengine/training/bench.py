@@ -58,7 +58,7 @@ def flops_per_image(trainer: Trainer) -> float:
     net = trainer.objective.wrap(build_network(trainer.cfg)).to(trainer.device)
     x, cond = trainer.batch(0)
     with FlopCounterMode(display=False) as counter:
-        with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer._bf16()):
+        with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.engine.bf16):
             loss = trainer.loss_fn(net, x, generator=trainer.g_dev, **cond).mean()
         loss.backward()
     return counter.get_total_flops() / x.shape[0]
@@ -90,7 +90,7 @@ def bench(cfg: TrainConfig, steps: int = 50, peak: float | None = None, warmup: 
         peak = peak or detect_peak(trainer.device)
         return {"img_per_s": img_s, "flops_per_img": flops, "mfu": flops * img_s / peak if peak else None,
                 "peak_flops": peak, "global_batch": trainer.global_batch, "device": str(trainer.device),
-                "bf16": trainer._bf16(), "compile": cfg.compile_mode if cfg.compile else False,
+                "bf16": trainer.engine.bf16, "compile": cfg.compile_mode if cfg.compile else False,
                 "zero_stage": cfg.zero_stage if cfg.deepspeed else None}
 
 

@@ -6,19 +6,17 @@ Every source of randomness is a seeded generator saved in the checkpoint (or der
 the step), so a killed run resumed with ``--resume`` reaches the same weights as an
 uninterrupted one.
 
-Scale-out (see distributed.py for the global batch and the sharding): one process is the
-plain loop; under torchrun it is torch DDP; with ``--deepspeed true`` a DeepSpeed engine
-(ZeRO 0-3, ds.py) replaces model and optimizer, alone or under torchrun. Only rank 0
-writes files. Throughput: bf16 autocast and fused AdamW on CUDA, channels_last,
+Scale-out (see distributed.py for the global batch and the sharding): the loop drives one
+engine object (engines.py): plain in one process, torch DDP under torchrun, or DeepSpeed
+(ZeRO 0-3, ds.py) with ``--deepspeed true``, alone or under torchrun. Only rank 0 writes
+files. The loss stays on the device between log points (no per-step host sync). Throughput: bf16 autocast and fused AdamW on CUDA, channels_last,
 torch.compile with an eager fallback, the uint8 data set kept on the GPU when it fits.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -30,12 +28,13 @@ from ..common import ranks
 from ..config import TrainConfig, check_runnable, from_dict, to_dict
 from ..data import ImageData, load_data, report_skipped
 from ..device import resolve_device
+from ..diffusion.objectives import build_network, make_objective
 from ..sampling import Generator, cluster_grid, grid_clusters
 from ..viz import save_grid
 from . import distributed as D, ds  # imports no DeepSpeed until a run asks for it
-from .ema import ema_decay, ema_update
+from .ema import ema_decay
+from .engines import LossWatch, make_engine
 from .logger import MetricsLogger
-from ..diffusion.objectives import build_network, make_objective
 from .resume import apply_optimiser_settings, config_changes, describe_changes, nonfinite_counts, resume_point
 
 SELF_LABELS_FILE = "annotations.safetensors"  # in --out; written by the train CLI (sgengine/train.py)
@@ -81,29 +80,6 @@ def resolve_model(cfg: TrainConfig, ann: Annotations | None, data: ImageData) ->
             raise ValueError("the U-ViT takes no spatial layout; train box/mask guidance with --arch unet")
         return dataclasses.replace(cfg, uvit=dataclasses.replace(cfg.uvit, cond_dim=k or None))
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k, layout_channels=lay))
-
-
-class CompileOrEager:
-    """torch.compile(module) that falls back to eager (warning once) when compiling fails.
-
-    Compilation happens at the first call, so only that call's failure means "cannot
-    compile"; later errors are real and propagate.
-    """
-
-    def __init__(self, module: torch.nn.Module, log=print, mode: str = "default"):
-        self.module, self.log, self.first = module, log, True
-        self.fn = torch.compile(module, mode=mode)
-
-    def __call__(self, *args, **kwargs):
-        if not self.first:
-            return self.fn(*args, **kwargs)
-        self.first = False
-        try:
-            return self.fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
-            warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); training eagerly", stacklevel=2)
-            self.fn = self.module
-            return self.fn(*args, **kwargs)
 
 
 class Trainer:
@@ -159,31 +135,22 @@ class Trainer:
         if cfg.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.engine = self.opt = self.sched = None
-        if cfg.deepspeed:
-            self.engine = ds.initialize(self.net, cfg, self.device, self._warmup)
-            self.opt, self.sched, self.fwd = self.engine.optimizer, self.engine.lr_scheduler, self.engine
-        else:
-            fused = self.device.type == "cuda"
-            self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._warmup)
-            self.fwd = D.wrap_ddp(self.net, self.device, self.ddp_find_unused) if self.dist.world > 1 else self.net
-        self._compile()
+        self.engine = make_engine(self.net, cfg, self.device, self.dist, self._warmup, self.ddp_find_unused)
         self.loss_fn = self.objective.loss
-        self.step = 0
+        self.step, self.watch = 0, LossWatch(self.device)
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.g_dev = torch.Generator(self.device).manual_seed(cfg.seed + 1)
 
     def _warmup(self, s: int) -> float:
         return min(1.0, (s + 1) / max(self.cfg.warmup, 1))
 
-    def _compile(self) -> None:
-        if not self.cfg.compile:
-            return
-        if self.engine is not None:  # ZeRO's parameter hooks do not survive tracing reliably
-            warnings.warn("--compile is ignored under --deepspeed; training eagerly", stacklevel=2)
-            return
-        self.fwd = CompileOrEager(self.fwd, self.log, self.cfg.compile_mode)
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def sched(self):
+        return self.engine.lr_scheduler
 
     def _fresh(self) -> None:
         if step_folders(self.out):
@@ -199,12 +166,7 @@ class Trainer:
         changes = self._check_same_run(load_meta(ckpt)["config"])
         self.ema.load_state_dict(load_weights(ckpt, "ema"))
         st = load_state(ckpt)
-        if self.engine is not None:
-            ds.load_engine(self.engine, ckpt)  # module, optimizer and scheduler, sharded per rank
-        else:
-            self.net.load_state_dict(load_weights(ckpt, "model"))
-            self.opt.load_state_dict(st["optimizer"])
-            self.sched.load_state_dict(st["scheduler"])
+        self.engine.load(ckpt, st)
         if changes:
             apply_optimiser_settings(self.opt, self.sched, self.cfg.lr, self.cfg.weight_decay)
             self.log(f"--resume: optimiser settings changed: {describe_changes(changes)}")
@@ -254,60 +216,32 @@ class Trainer:
             return x
         return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
-    def train_step(self) -> float:
-        accum, total = self.cfg.grad_accum, 0.0
-        if self.engine is None:
-            self.opt.zero_grad(set_to_none=True)
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step. Returns this rank's mean loss as a device tensor: nothing here waits for
+        the device or the other ranks (the loss is read and checked at log points and checkpoints)."""
+        accum, engine = self.cfg.grad_accum, self.engine
+        engine.zero_grad()
+        total = 0.0
         for micro in range(accum):
             self.g_dev.manual_seed(D.shard_seed(self.cfg.seed, self.step, micro, self.dist))
             x, cond = self.batch(micro)
-            with D.accumulating(self.fwd_module, micro, accum):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16()):
-                    loss = self.loss_fn(self.fwd, x, generator=self.g_dev, **cond).mean()
-                value = ranks.mean_over_ranks(loss.detach())  # global: every rank stops together, none hangs
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(self._nan_message(value))
-                self._backward(loss)
-            total += value
-        self._optimizer_step()
-        self._update_ema()
+            with engine.accumulating(micro, accum):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=engine.bf16):
+                    loss = self.loss_fn(engine.forward, x, generator=self.g_dev, **cond).mean()
+                engine.backward(loss, accum)
+            total = total + loss.detach()
+        engine.step()
+        engine.update_ema(self.ema, ema_decay(self.step, self.cfg.ema_max))
         self.step += 1
+        self.watch.add(total / accum, self.step)
         return total / accum
 
-    @property
-    def fwd_module(self):
-        """What the loss calls, unwrapped from the compile fallback (DDP's no_sync lives there)."""
-        return self.fwd.module if isinstance(self.fwd, CompileOrEager) else self.fwd
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.engine is not None:  # DeepSpeed scales by 1/accum and steps at the boundary itself
-            self.engine.backward(loss)
-            self.engine.step()
-        else:
-            (loss / self.cfg.grad_accum).backward()
-
-    def _optimizer_step(self) -> None:
-        if self.engine is not None:
-            return
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-
-    def _update_ema(self) -> None:
-        decay = ema_decay(self.step, self.cfg.ema_max)
-        if self.engine is not None:
-            ds.update_ema(self.ema, self.engine, decay)
-        else:
-            ema_update(self.ema, self.net, decay)
-
-    def _bf16(self) -> bool:
-        if self.engine is not None:
-            return self.engine.bfloat16_enabled()  # bf16 weights need bf16 inputs, on any device
-        return self.cfg.bf16 and self.device.type == "cuda"
-
-    def _nan_message(self, value: float) -> str:
-        return f"loss became {value} at step {self.step + 1}; {self._last_good()}. {NAN_ADVICE}"
+    def _check_loss(self) -> float:
+        """The mean loss since the last log; NonFiniteLoss names the first non-finite step (collective)."""
+        mean, bad, value = self.watch.read()
+        if bad is not None:
+            raise NonFiniteLoss(f"loss became {value} at step {bad}; {self._last_good()}. {NAN_ADVICE}")
+        return mean
 
     def _last_good(self) -> str:
         last = latest_checkpoint(self.out)
@@ -315,15 +249,14 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, t0, window = self.cfg, time.perf_counter(), []
+        cfg, t0 = self.cfg, time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.dist.main)
         try:
             while self.step < cfg.steps:
-                window.append(self.train_step())
+                self.train_step()
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    t0 = self._log(window, t0, bar)
-                    window = []
+                    t0 = self._log(t0, bar)
                 self._periodic()
         except KeyboardInterrupt:
             self.log(f"interrupted at step {self.step}; checkpoint: {self.checkpoint()}")
@@ -332,10 +265,12 @@ class Trainer:
             bar.close()
         return self.finish()
 
-    def _log(self, window: list[float], t0: float, bar) -> float:
+    def _log(self, t0: float, bar) -> float:
+        steps, loss = self.watch.n, self._check_loss()
+        self.watch.reset()
         now = time.perf_counter()
-        rec = {"step": self.step, "loss": sum(window) / len(window), "lr": self.sched.get_last_lr()[0],
-               "img_per_s": len(window) * self.global_batch / max(now - t0, 1e-9)}
+        rec = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
+               "img_per_s": steps * self.global_batch / max(now - t0, 1e-9)}
         if self.metrics is not None:
             self.metrics.log(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
@@ -354,15 +289,13 @@ class Trainer:
 
     def checkpoint(self) -> Path:
         """Collective under DeepSpeed (every rank holds a shard); rank 0 writes the folder."""
+        self._check_loss()
         state = {"step": self.step, "rng_cpu": self.g.get_state(), "rng_dev": self.g_dev.get_state(),
                  "rng_torch": torch.get_rng_state()}
-        model = ds.consolidated(self.engine) if self.engine is not None else self.net
+        model = self.engine.weights()
         self._check_finite(model)
-        stage = None
-        if self.engine is not None:
-            stage = ds.save_engine(self.engine, self.out, self.step, self.dist)
-        else:
-            state.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict())
+        engine_state, stage = self.engine.save(self.out, self.step)
+        state.update(engine_state)
         path = self.out / "ckpt" / f"step_{self.step:08d}"
         if self.dist.main:
             path = save_checkpoint(self.out, self.step, model, self.ema, state, self._meta(),
