@@ -47,7 +47,7 @@ def build_parser() -> FlagParser:
     add_typed(g, "--sag_blur", tuple[int, float], default=(9, 1.0), metavar="K,SIGMA",
               help="Gaussian blur kernel size (odd) and sigma, e.g. 9,1.0")
     add_typed(g, "--sag_window", tuple[float, float], default=None, metavar="LO,HI",
-              help="apply SAG only for LO <= t <= HI in the sampler's time (timestep / sigma / flow t)")
+              help="apply SAG only for LO <= t <= HI in the network's own time (timestep / sigma / flow t)")
     g.add_argument("--list_layers", action="store_true", help="print the checkpoint's attention layers and exit")
     return p
 
