@@ -2,7 +2,7 @@
 scikit-learn's digits with sgengine's self-labels, loss, EMA, CFG, SAG and samplers, through the
 documented top-level exports of ``import sgengine as sg`` only.
 
-    python examples/third_party_trainer.py --steps 400 --out runs/third_party   # ~2 min on a CPU
+    python examples/third_party_trainer.py --steps 300 --out runs/third_party   # minutes on a free CPU
     python examples/third_party_trainer.py --tiny                               # the CI smoke run
 
 It writes one grid per sampler (DDIM, Heun, Euler under CFG + SAG; rows = self-label clusters) and
@@ -74,8 +74,8 @@ def sample(net, args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--size", type=int, default=8)
     p.add_argument("--k", type=int, default=10)
