@@ -40,6 +40,8 @@ BAD_FLAGS = [  # (argv, text the one error line must contain)
     (["--online.t_low", "0.95"], "--online.t_low must be below t_high (0.9), got 0.95"),
     (["--online.feature", "tokens"], "--online.feature must be one of cls, patches"),
     (["--eval_n", "1"], "--eval_n must be >= 2"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--model.channel_mult", ""], "--model.channel_mult is refused: channel_mult needs at least one level"),
     (["--config", "/nonexistent/x.json"], "--config cannot read /nonexistent/x.json"),
 ]
 
@@ -128,6 +130,16 @@ def test_api_errors_name_the_field_not_a_flag():
         apply_overrides(preset("tiny"), {"model.channels": "many"})
     with pytest.raises(ConfigError, match="preset must be one of"):
         preset("nope")
+
+
+def test_tuples_check_their_length_and_items():
+    from sgengine.common.flags import check
+
+    assert check([9, 1], tuple[int, float], "sag_blur") == (9, 1.0)
+    with pytest.raises(ConfigError, match="sag_blur expects 2 values"):
+        check((9,), tuple[int, float], "sag_blur")
+    with pytest.raises(ConfigError, match="channel_mult expects int"):
+        check((1, 2.5), tuple[int, ...], "channel_mult")
 
 
 def test_switching_arch_or_objective_swaps_the_sub_config():

@@ -35,6 +35,8 @@ class Range:
     lt: float | None = None
 
     def holds(self, v) -> bool:
+        if v != v:  # NaN lies in no interval
+            return False
         return not ((self.ge is not None and v < self.ge) or (self.gt is not None and v <= self.gt)
                     or (self.le is not None and v > self.le) or (self.lt is not None and v >= self.lt))
 
@@ -143,8 +145,10 @@ def check(value, hint, key: str):
         args = typing.get_args(k.base)
         if not isinstance(value, (tuple, list)):
             raise ConfigError(key, f"expects comma-separated values, got {value!r}")
-        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-        return tuple(check(v, inner or h, key) for v, h in zip(value, [inner] * len(value) if inner else args))
+        item_hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_hints) != len(value):
+            raise ConfigError(key, f"expects {len(item_hints)} values, got {value!r}")
+        return tuple(check(v, h, key) for v, h in zip(value, item_hints))
     if k.base is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(k.base, type) and not isinstance(value, k.base) or (k.base is int and isinstance(value, bool)):

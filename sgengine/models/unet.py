@@ -40,6 +40,8 @@ class UNetConfig:
     cross_attention_ds: tuple[int, ...] = ()  # levels with cross-attention on the tokens
 
     def __post_init__(self):
+        if not self.channel_mult:
+            raise ValueError("channel_mult needs at least one level, e.g. 1,2,4")
         if self.img_size % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(f"img_size {self.img_size} must be divisible by 2^(levels-1) "
                              f"for channel_mult={self.channel_mult}")
