@@ -215,3 +215,18 @@ def test_heun_euler_and_ddim_equal_k_diffusion(kind):
         got = SAMPLERS["ddim"](den, x, sig, eta=eta, generator=torch.Generator().manual_seed(3))
         want = _kdiff_euler_ancestral(den, x, levels, eta, torch.Generator().manual_seed(3))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_flow_euler_from_pure_noise_equals_its_algorithm_2():
+    """The flow grid starts at t = 0 (sigma = inf); Euler through the contract equals the velocity-space
+    Euler of the online self-guidance paper's Algorithm 2 (flow.euler_flow) on the same noise."""
+    from sgengine.diffusion import euler_flow, flow_times
+
+    torch.manual_seed(0)
+    field = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    net = lambda x, t: field(torch.cat([x, t[:, None].to(x.dtype)], 1))  # noqa: E731  a nonlinear velocity
+    noise = torch.randn(8, 4)
+    with torch.no_grad():
+        want = euler_flow(net, noise, flow_times(10))
+        got = sample(PARAMS["flow"], net, noise, 10, sampler="euler")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

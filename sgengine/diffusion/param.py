@@ -11,8 +11,9 @@ the conversions between the two:
   ``scale(sigma) = a`` (x_t = scale * x);
 * ``input_gain(t)`` = d pred / d x_t at fixed eps (0 for eps, 1 for D, 1/t for flow velocity,
   1/a for v): SAG's Eq. 17 is defined on eps (see ``sgengine.guidance.sag``);
-* ``grid(steps)``: the objective's own sigma grid, and ``prior_scale(sigma0)``: the std of the
-  starting state (sqrt(1 + sigma^2) for variance-preserving schedules, whose x_T ~ N(0, I); sigma else);
+* ``grid(steps)``: the objective's own sigma grid (flow matching's starts at sigma = inf, its t = 0), and
+  ``prior_scale(sigma0)``: the std of the starting state (sqrt(1 + sigma^2) for variance-preserving
+  schedules, whose x_T ~ N(0, I); sigma else);
 * ``denoiser(model)``: the ONE adapter from a native ``model(x_t, t, **cond)`` (guidance included)
   to D(x, sigma, **cond).
 
@@ -30,9 +31,6 @@ import torch
 
 from . import edm, flow
 from .schedules import alphas_cumprod, linear_betas, spaced_timesteps
-
-FLOW_SIGMA_MAX = 500.0  # the flow grid starts at t0 = 1 / (1 + FLOW_SIGMA_MAX - s) ~ 0.002 (t = 0: sigma = inf)
-
 
 def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
@@ -199,18 +197,17 @@ def edm_param(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.
         lambda t, a, b: torch.ones_like(t), lambda steps: edm.karras_sigmas(steps, sigma_min, sigma_max, rho))
 
 
-def flow_param(sigma_min: float = flow.SIGMA_MIN, sigma_max: float = FLOW_SIGMA_MAX) -> Parameterization:
+def flow_param(sigma_min: float = flow.SIGMA_MIN) -> Parameterization:
     """Velocity on x_t = t x0 + (1 - (1 - s) t) eps (t = 1: data): sigma = 1/t - (1 - s), t = 1 / (sigma + 1 - s).
-    The grid is uniform in t from t0 = time(sigma_max) ~ 0.002 to 1 (sigma = s there, so x_t = x at the end)."""
+    The grid is uniform in t from 0 (sigma = inf: pure noise, see ``samplers.sample``) to 1 (sigma = s, x_t = x)."""
     s = sigma_min
 
     def time(sig):
         return 1 / (sig.double() + 1 - s)
 
     def grid(steps):
-        flow.flow_times(steps)  # checks steps >= 1
-        ts = torch.linspace(float(time(torch.tensor(float(sigma_max)))), 1.0, steps + 1, dtype=torch.float64)
-        return (1 - (1 - s) * ts) / ts
+        ts = flow.flow_times(steps).double()
+        return (1 - (1 - s) * ts) / ts  # inf at t = 0
 
     def gain(t, a, b):  # v = (x_t - eps) / t at fixed eps; at t = 0 the degraded input equals x_t
         return torch.where(t > 0, 1.0 / t.clamp(min=1e-12), torch.zeros_like(t))

@@ -204,15 +204,32 @@ def sample(param, model, noise: torch.Tensor, steps: int | None = None, *, sampl
     ``param.grid(steps)``. The network is adapted once (``param.denoiser``), the state starts at
     ``param.prior_scale(sigmas[0]) * noise`` and the result is returned in the model's own units
     (x_t at the grid's last level: the sample when the grid ends in 0). ``options`` go to the sampler.
+    A grid starting at sigma = inf (flow matching's t = 0, where x_t is the noise itself) takes its
+    first step as the exact limit of Euler / DDIM, x = x0_hat + sigma_1 eps_hat, so flow's Euler
+    equals its Algorithm 2 from t = 0; the sampler (and its callback) run from sigma_1 on.
     """
     if sigmas is None:
         if steps is None:
             raise ValueError("pass steps (the objective's own grid) or sigmas")
         sigmas = param.grid(steps)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    x = noise.to(torch.promote_types(noise.dtype, torch.float32)) * param.prior_scale(float(sigmas[0]))
+    noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
+    if math.isinf(float(sigmas[0])):
+        x, sigmas = _from_pure_noise(param, model, noise, float(sigmas[1]), options.get("clip_x0", False)), sigmas[1:]
+    else:
+        x = noise * param.prior_scale(float(sigmas[0]))
     out = get_sampler(sampler)(param.denoiser(model), x, sigmas, **options)
     return out * float(param.scale(sigmas[-1:]).double())
+
+
+@torch.no_grad()
+def _from_pure_noise(param, model, noise: torch.Tensor, sigma_next: float, clip_x0: bool) -> torch.Tensor:
+    """The state at sigma_next after the step from sigma = inf, where x_t = b(t0) noise (a = 0)."""
+    t0 = param.time(torch.full((noise.shape[0],), math.inf, dtype=torch.float64, device=noise.device))
+    x_t = noise * float(param.coeffs(t0[:1])[1])
+    x0, eps = param.x0_eps(x_t, model(x_t, t0.to(torch.float32)).to(x_t.dtype), t0.to(torch.float32))
+    x0 = x0.clamp(-1, 1) if clip_x0 else x0
+    return x0 + sigma_next * eps
 
 
 def ddim_sample(denoise, x, ts, *, alphas_cumprod, eta: float = 0.0, clip_x0: bool = True,
