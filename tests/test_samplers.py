@@ -230,3 +230,11 @@ def test_flow_euler_from_pure_noise_equals_its_algorithm_2():
         want = euler_flow(net, noise, flow_times(10))
         got = sample(PARAMS["flow"], net, noise, 10, sampler="euler")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_one_step_from_pure_noise_is_the_limit_step(sampler):
+    noise = torch.randn(4, 1, dtype=torch.float64)
+    out = sample(PARAMS["flow"], exact_net("flow"), noise, 1, sampler=sampler)
+    x0 = MU + 0 * noise  # at t = 0 the posterior mean is the data mean; then sigma_1 = s re-noises it
+    torch.testing.assert_close(out, x0 + SIGMA_MIN * noise)

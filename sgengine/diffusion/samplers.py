@@ -218,7 +218,8 @@ def sample(param, model, noise: torch.Tensor, steps: int | None = None, *, sampl
         x, sigmas = _from_pure_noise(param, model, noise, float(sigmas[1]), options.get("clip_x0", False)), sigmas[1:]
     else:
         x = noise * param.prior_scale(float(sigmas[0]))
-    out = get_sampler(sampler)(param.denoiser(model), x, sigmas, **options)
+    run = get_sampler(sampler)
+    out = run(param.denoiser(model), x, sigmas, **options) if len(sigmas) > 1 else x  # one step: done
     return out * float(param.scale(sigmas[-1:]).double())
 
 
