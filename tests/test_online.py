@@ -193,7 +193,7 @@ def test_patch_level_variant_conditions_every_patch(tmp_path):
     cfg = tiny(tmp_path, steps=4, batch_size=16, **{"online.feature": "patches", "uvit.patch_cond": True})
     tr = OnlineTrainer(cfg, log=lambda *a: None)
     for _ in range(3):  # across the switch at step 2
-        assert torch.isfinite(torch.tensor(tr.train_step()))
+        assert torch.isfinite(tr.train_step())
     x, cond = tr.batch()
     n, d = cfg.uvit.num_patches, cfg.uvit.dim
     assert cond["y_patch"].shape == (16, n, d) and not cond["y"].any()  # y = 0: the zero condition token
