@@ -15,12 +15,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"sgengine": ROOT / "sgengine", "sgengine.kernels": ROOT / "kernels"}
 
-# Known violations that another change in flight removes; each entry names who removes it. The test
-# fails when one is fixed without being struck from here, so the list can only shrink.
-PENDING = {
-}
-
-
 def read_layers(text: str) -> list[tuple[str, list[str]]]:
     """The ``layers`` block of architecture.md: one ``name unit unit ...`` row per layer, lowest first."""
     block = re.search(r"```layers\n(.*?)```", text, re.S)
@@ -116,21 +110,9 @@ def _all_violations(layers) -> list[str]:
     return out
 
 
-def _pending_key(message: str) -> tuple[str, str]:
-    module, _, rest = message.partition(":")
-    return module, rest.split(" imports ")[1].split(" ")[0]
-
-
 def test_imports_go_downward_only(layers):
     found = _all_violations(layers)
-    unexpected = [v for v in found if _pending_key(v) not in PENDING]
-    assert not unexpected, "\n".join(unexpected)
-
-
-def test_pending_list_only_shrinks(layers):
-    """An entry of PENDING that no longer occurs must be struck out (it cannot hide a new one)."""
-    still = {_pending_key(v) for v in _all_violations(layers)}
-    assert set(PENDING) <= still, f"fixed, strike from PENDING: {sorted(set(PENDING) - still)}"
+    assert not found, "\n".join(found)
 
 
 def test_every_module_is_placed(layers):
