@@ -165,3 +165,14 @@ def test_to_dict_round_trip_and_old_checkpoints():
     old["model"] = to_dict(PRESETS["tiny"])["model"]  # written before the unused UNet config was dropped
     del old["edm"], old["flow_sigma_min"]
     assert from_dict(old) == PRESETS["uvit-tiny-online"]
+
+
+def test_edm_and_flow_settings_reach_the_objective():
+    from sgengine.diffusion.objectives import make_objective
+
+    edm = make_objective(parse_args(["--preset", "tiny", "--objective", "edm", "--edm.sigma_max", "40",
+                                     "--edm.P_mean", "-1.0"]))
+    assert float(edm.param.grid_fn(5)[0]) == 40.0 and edm.loss.P_mean == -1.0
+    assert float(make_objective(PRESETS["cedm32"]).param.grid_fn(5)[0]) == 80.0
+    flow = make_objective(parse_args(["--preset", "tiny", "--objective", "flow", "--flow_sigma_min", "1e-3"]))
+    assert flow.loss.sigma_min == 1e-3
