@@ -172,7 +172,7 @@ def test_edm_and_flow_settings_reach_the_objective():
 
     edm = make_objective(parse_args(["--preset", "tiny", "--objective", "edm", "--edm.sigma_max", "40",
                                      "--edm.P_mean", "-1.0"]))
-    assert float(edm.param.grid_fn(5)[0]) == 40.0 and edm.loss.P_mean == -1.0
-    assert float(make_objective(PRESETS["cedm32"]).param.grid_fn(5)[0]) == 80.0
+    assert float(edm.param.grid_fn(5)[0]) == pytest.approx(40.0) and edm.loss.P_mean == -1.0
+    assert float(make_objective(PRESETS["cedm32"]).param.grid_fn(5)[0]) == pytest.approx(80.0)
     flow = make_objective(parse_args(["--preset", "tiny", "--objective", "flow", "--flow_sigma_min", "1e-3"]))
     assert flow.loss.sigma_min == 1e-3
