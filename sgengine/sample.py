@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import read_image, to_uint8
+from .data import read_image
+from .data.latents import to_images
 from .device import resolve_device
 from .guidance.attach import list_attention_layers
 from .sampling import grid_clusters, load_generator, sample
@@ -88,6 +89,11 @@ def _online(args, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     return sample_prototypes(gen, ids, args.w, args.steps, args.sampler, args.seed, True), ids, len(rows)
 
 
+def gen_cfg_data(path) -> str:
+    """The --data of the run at ``path`` (a latent pack: its samples are decoded with the pack's VAE)."""
+    return load_meta(resolve_checkpoint(path))["config"].get("data", "")
+
+
 def _is_online(path) -> bool:
     return bool(load_meta(resolve_checkpoint(path))["config"].get("online", {}).get("enabled"))
 
@@ -98,7 +104,7 @@ def main(argv=None) -> int:
     try:
         if _is_online(args.ckpt) and not args.list_layers:
             x, ids, rows = _online(args, device)
-            return _write(x, ids, rows, args.out)
+            return _write(to_images(x, gen_cfg_data(args.ckpt)), ids, rows, args.out)
         if args.like or args.prototypes:
             raise ValueError("--like and --prototypes need an online self-guidance run (--preset uvit-*-online)")
         gen = load_generator(args.ckpt, device)
@@ -113,11 +119,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return _write(x, ids, rows, args.out)
+    return _write(to_images(x, gen.cfg.data), ids, rows, args.out)
 
 
 def _write(x: torch.Tensor, ids: torch.Tensor | None, rows: int, out: str) -> int:
-    imgs = to_uint8(x.cpu())
+    imgs = x.cpu()  # uint8: to_images decoded latents, or scaled pixels
     out = Path(out)
     save_grid(imgs, rows, out, scale=2)
     np.savez(out.with_suffix(".npz"), images=imgs.numpy(), clusters=(ids.numpy() if ids is not None else np.array([])))
