@@ -79,15 +79,20 @@ def _decode(source: Source, out: Path, prog: Progress, size, channels, workers, 
     cursor = prog.entries[-1]["cursor"] if start else 0
     writer = RowWriter(out / DATA, len(source.names), (size, size, channels), np.uint8)
     payloads = (source.payload(a, b) for a, b in tasks[start:])
-    results = ordered_map(run_task, payloads, workers, size, channels)
-    for i, (rows, _, skipped) in enumerate(tqdm(results, total=len(tasks) - start, desc="pack",
+    results = ordered_map(decode_task, payloads, workers, size, channels)
+    for i, (rows, skipped, (s, sq)) in enumerate(tqdm(results, total=len(tasks) - start, desc="pack",
                                                 disable=not progress), start):
         writer.write(cursor, rows)
         cursor += len(rows)
-        s, sq = pixel_sums(rows)
         prog.record({"task": i, "cursor": cursor, "skipped": [[tasks[i][0] + k, why] for k, why in skipped],
                      "sum": s, "sq": sq})
     writer.finish(cursor)
+
+
+def decode_task(payload, size: int, channels: int):
+    """In a worker: the task's rows, skipped items, and per-channel pixel sums (for the manifest's stats)."""
+    rows, skipped = run_task(payload, size, channels)
+    return rows, skipped, pixel_sums(rows)
 
 
 def pixel_sums(rows: np.ndarray) -> tuple[list[float], list[float]]:

@@ -183,21 +183,20 @@ def _index_shard(shard: Path) -> dict:
 
 # -------------------------------------------------------------------------------------- worker
 
-def run_task(payload, size: int, channels: int) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    """Decode one task: (rows of the readable items, their offsets in the task, (offset, reason) of the rest)."""
+def run_task(payload, size: int, channels: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode one task: (rows of the readable items, (offset in the task, reason) of the others)."""
     kind, refs = payload
     if kind == "rows":
         rows = refs if refs.shape[1] == size and refs.shape[2] == size else resize_rows(refs, size)
-        return _channels(rows, channels), list(range(len(rows))), []
-    out, kept, skipped = [], [], []
+        return _channels(rows, channels), []
+    out, skipped = [], []
     for i, ref in enumerate(refs):
         try:
             out.append(decode_image(ref if kind == "folder" else _tar_bytes(ref), size, channels))
-            kept.append(i)
         except READ_ERRORS as err:
             skipped.append((i, f"{type(err).__name__}: {err}"))
     rows = np.stack(out) if out else np.empty((0, size, size, channels), np.uint8)
-    return rows, kept, skipped
+    return rows, skipped
 
 
 def _tar_bytes(ref) -> bytes:

@@ -32,8 +32,9 @@ DATA, MANIFEST, NAMES, LABELS, PROGRESS = "data.bin", "manifest.json", "names.tx
 class Progress:
     """progress.jsonl: a header (the pack's arguments), then one JSON line per finished task.
 
-    A line is appended only after its rows are flushed, so after a kill every recorded task is
-    on disk; a torn last line is ignored and its task redone."""
+    A line is appended only after its rows are written to the mapping, so after a killed process
+    every recorded task is in the file (the kernel owns dirty pages of a shared mapping); a torn
+    last line is ignored and its task redone. Data is synced to disk once, before the manifest."""
 
     def __init__(self, out: Path, header: dict):
         self.path = out / PROGRESS
@@ -59,8 +60,6 @@ class Progress:
     def record(self, entry: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         self.entries.append(entry)
 
 
@@ -80,11 +79,14 @@ class RowWriter:
 
     def write(self, cursor: int, rows: np.ndarray) -> None:
         self.map[cursor:cursor + len(rows)] = rows
-        self.map.flush()
 
     def finish(self, count: int) -> int:
+        """Sync to disk (a complete manifest must mean complete data), then cut to ``count`` rows."""
+        self.map.flush()
         del self.map
         os.truncate(self.path, count * self.row_bytes)
+        with open(self.path, "rb+") as fh:
+            os.fsync(fh.fileno())
         return count * self.row_bytes
 
 
