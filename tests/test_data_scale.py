@@ -3,6 +3,7 @@ as it is, and two simulated nodes (torchrun --nnodes 2) each reading a distinct 
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -118,3 +119,25 @@ def test_two_nodes_read_distinct_shards_and_write_once(packed, tmp_path):
     assert r0["indices"] != r1["indices"] and r0["seed"] != r1["seed"]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, STEPS + 1))  # one writer
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["latest", "step_00000002", f"step_{STEPS:08d}"]
+
+
+def _nan():
+    z = np.zeros((4, 1, 8, 8), np.float32)
+    z[1, 0, 2, 3] = np.nan
+    return z
+
+
+@pytest.mark.parametrize("array, message", [
+    (_nan(), r"holds 1 NaN/Inf value\(s\), the first at index \(1, 0, 2, 3\)"),
+    (np.zeros((4, 24, 16), np.uint8), "non-square 24x16 images but the model takes 8x8"),
+    (np.zeros((0, 8, 8), np.uint8), "holds no images"),
+])
+def test_train_cli_refuses_bad_arrays_in_one_line(tmp_path, capsys, array, message):
+    from sgengine.train import main
+
+    np.save(tmp_path / "a.npy", array)
+    rc = main(["--preset", "tiny", "--data", str(tmp_path / "a.npy"), "--out", str(tmp_path / "run"),
+               "--condition", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err)
+    assert not (tmp_path / "run" / "ckpt").exists()
