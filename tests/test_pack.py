@@ -143,6 +143,10 @@ def test_pack_of_another_size_or_truncated_is_refused(tmp_path):
         load_data(str(tmp_path / "p"), 16, 3)
     with pytest.raises(ValueError, match="3-channel images but the model takes 1"):
         load_data(str(tmp_path / "p"), 8, 1)
+    np.save(tmp_path / "a.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "a.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"cannot read .*a.npy .*truncated or partial copy\? copy it again"):
+        load_data(str(tmp_path / "a.npy"), 8)
     data = (tmp_path / "p" / DATA).read_bytes()
     (tmp_path / "p" / DATA).write_bytes(data[:-5])
     with pytest.raises(ValueError, match=r"data.bin has \d+ bytes but the manifest says \d+ \(truncated"):

@@ -10,6 +10,7 @@ reported; they never stop a run.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,9 +96,9 @@ def load_folder(root: str | os.PathLike, size: int, channels: int = 3, progress:
 def _read_array(path: Path):
     """(images, labels) of an .npy (memory-mapped) or .npz (images under 'x', 'images', 'arr_0' or the
     official 'data' rows; labels under 'y' / 'labels', 1-based in the official batches)."""
+    data = _np_load(path)
     if path.suffix == ".npy":
-        return np.load(path, mmap_mode="c"), None
-    data = np.load(path)
+        return data, None
     if "data" in data.files:
         from .sources import npz_labels, npz_rows  # the official downsampled-ImageNet layout
 
@@ -106,6 +107,15 @@ def _read_array(path: Path):
     if key is None:
         raise KeyError(f"{path} holds {list(data.keys())}; put the images under 'x' or 'images'")
     return data[key], next((data[k] for k in ("y", "labels") if k in data.files), None)
+
+
+def _np_load(path: Path):
+    """np.load (.npy memory-mapped), with a one-line error for truncated or foreign files."""
+    try:
+        return np.load(path, mmap_mode="c" if path.suffix == ".npy" else None)  # a cut .npz has no zip directory
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # numpy's and zipfile's "cut short"
+        raise ValueError(f"cannot read {path} ({type(err).__name__}: {err}): a truncated or partial copy? "
+                         "copy it again, or save it with np.save / np.savez") from err
 
 
 def load_array(path: str | os.PathLike, size: int | None = None, resize: bool = False) -> ImageData:
