@@ -186,3 +186,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["pack", str(tmp_path / "missing"), str(tmp_path / "p"), "--size", "8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: pack source") and err.count("\n") == 1
+
+
+def test_pack_killed_with_sigkill_resumes(tmp_path):
+    """A real kill -9 of the CLI mid-pack (once a task is recorded), then the same command again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(300):
+        _jpeg(src / f"{i:03d}.jpg", 48, 48, i)
+    cmd = [sys.executable, "-m", "sgengine.data", "pack", str(src), str(tmp_path / "p"), "--size", "16",
+           "--workers", "0", "--chunk", "2", "--quiet"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        lines = (tmp_path / "p" / PROGRESS).read_text().count("\n") if (tmp_path / "p" / PROGRESS).exists() else 0
+        if lines >= 3:  # the header and two finished tasks
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL, "the pack finished before it could be killed: use more images"
+    assert subprocess.run(cmd).returncode == 0
+    pack(src, tmp_path / "clean", 16, workers=2, chunk=5, progress=False)  # any chunking gives the same rows
+    assert (tmp_path / "p" / DATA).read_bytes() == (tmp_path / "clean" / DATA).read_bytes()
+    assert json.loads((tmp_path / "p" / MANIFEST).read_text())["count"] == 300
