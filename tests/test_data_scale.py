@@ -71,6 +71,13 @@ def test_training_from_the_map_equals_training_in_memory(packed, tmp_path):
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
+def test_every_micro_batch_but_the_first_is_prefetched(packed, tmp_path):
+    tr = Trainer(_cfg(tmp_path / "a", packed, grad_accum=3, steps=2))
+    for _ in range(2):
+        tr.train_step()
+    assert (tr.loader.hits, tr.loader.misses) == (5, 1)
+
+
 def test_float_data_trains_as_it_is(tmp_path):
     z = (np.random.default_rng(1).standard_normal((20, 1, 8, 8)) * 4).astype(np.float32)
     np.save(tmp_path / "z.npy", z)

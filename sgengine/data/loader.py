@@ -22,6 +22,7 @@ class BatchLoader:
         self.data, self.device = data, torch.device(device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="sgengine-prefetch")
         self.pending: dict[bytes, Future] = {}
+        self.window = 8  # predictions kept: twice the latest prefetch (all micro-shards of a step)
         self.hits = self.misses = 0
 
     def _rows(self) -> tuple[torch.Tensor, bool]:
@@ -41,6 +42,7 @@ class BatchLoader:
         """Start gathering these index sets in the background (host data only)."""
         if self.data.images.device.type != "cpu":
             return
+        self.window = max(8, 2 * len(shards))
         for idx in shards:
             key = idx.cpu().numpy().tobytes()
             if key not in self.pending:
@@ -60,9 +62,9 @@ class BatchLoader:
         self._drop_stale()
         return to_float(x)
 
-    def _drop_stale(self, keep: int = 8) -> None:
+    def _drop_stale(self) -> None:
         """Forget predictions never asked for (e.g. a subclass drew more indices): bounded memory."""
-        while len(self.pending) > keep:
+        while len(self.pending) > self.window:
             self.pending.pop(next(iter(self.pending))).cancel()
 
     def close(self) -> None:

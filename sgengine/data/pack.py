@@ -8,6 +8,7 @@ or unusable images are skipped, and listed in the manifest with their reasons.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import time
 from collections import deque
@@ -63,8 +64,6 @@ def pack(src, out, size: int, channels: int = 3, workers: int = 2, chunk: int = 
 
 
 def _already(out: Path, header: dict, log) -> dict:
-    import json
-
     man = json.loads((out / MANIFEST).read_text())
     if man.get("source") != header["source"] or man.get("size") != header["size"]:
         raise ValueError(f"{out} already holds a pack of {man.get('source')} at {man.get('size')} px: "
