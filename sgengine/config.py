@@ -112,6 +112,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (falls back to eager when compile fails)
     compile_mode: CompileMode = "default"  # torch.compile mode
     channels_last: bool = False  # channels-last memory format
+    data_resize: bool = False  # resize an --data array of another size to the model's (else it is refused)
     resume: bool = False  # continue from the last checkpoint in out
 
     def __post_init__(self):
@@ -183,6 +184,37 @@ PRESETS: dict[str, TrainConfig] = {
                              lr=5e-5, weight_decay=0.0, batch_size=512, steps=40_000, warmup=5000, ckpt_every=5000,
                              sample_every=5000, guidance_w=1.4),
 }
+
+# -- Latent diffusion at 256x256 (sgengine.data; issue 15). --data is a latent pack of the SD VAE
+# (ft-EMA): python -m sgengine.data pack SRC P --size 256; python -m sgengine.data encode P L --vae DIR.
+# Online self-guidance paper, Table 4: U-ViT-L/2 on 32x32x4 latents, OT flow matching, batch 512, AdamW
+# lr 5e-5, no weight decay, 5K warm-up, p_uncond 0.1 (also the stage-2 drop), dopri sampler, g=0.4 (w=1.4);
+# ImageNet100x256: K=300, 40K iterations; ImageNet256: K=5,000, 300K; LSUN-Churches256: K=30, 100K.
+# No flips: a flipped image's latent is not the flipped latent.
+
+
+def _latent_online(name: str, k: int, steps: int) -> TrainConfig:
+    return _online(name, UVIT_PRESETS["uvit-l"], online=OnlineConfig(enabled=True, prototypes=k, p_drop=0.1),
+                   lr=5e-5, weight_decay=0.0, batch_size=512, steps=steps, warmup=5000, p_uncond=0.1,
+                   sampler="dopri5", guidance_w=1.4,
+                   ckpt_every=4000, sample_every=4000)  # the paper picks the best FID every 4,000 iterations
+
+
+PRESETS.update({
+    "uvit-l-in256-100": _latent_online("uvit-l-in256-100", 300, 40_000),
+    "uvit-l-in256": _latent_online("uvit-l-in256", 5000, 300_000),
+    "uvit-l-churches256": _latent_online("uvit-l-churches256", 30, 100_000),
+    # Self-guided paper, appendix Table 11 (Churches-256, its LDM): the UNet on 32x32x4 latents, base 128
+    # channels, multipliers 1,2,2,3,4, 2 blocks a level, attention at downsampling 4 and 8, 8 heads,
+    # condition embedding 256; linear schedule, AdamW lr 5e-5, batch 48, weight decay 0.01, 600K steps,
+    # 200 sampling steps; self-labels from `python -m sgengine.annotate` (--condition annotations).
+    "ldm-churches256": TrainConfig(preset="ldm-churches256", out="runs/ldm-churches256", condition="annotations",
+                                   model=UNetConfig(img_size=32, in_channels=4, channels=128,
+                                                    channel_mult=(1, 2, 2, 3, 4), num_res_blocks=2,
+                                                    attention_ds=(4, 8), heads=8, cond_embed_dim=256),
+                                   lr=5e-5, batch_size=48, weight_decay=0.01, steps=600_000, warmup=500,
+                                   ckpt_every=5000, sample_every=5000, sample_steps=200, grid_cols=8),
+})
 
 
 def preset(name: str) -> TrainConfig:

@@ -13,7 +13,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .data import read_image, to_uint8
+from .data import read_image
+from .data.latents import to_images
 from .device import resolve_device
 from .guidance.attach import list_attention_layers
 from .sampling import grid_clusters, load_generator, sample
@@ -85,6 +86,11 @@ def _sag(args) -> dict:
             "sag_blur": args.sag_blur, "sag_window": args.sag_window}
 
 
+def gen_cfg_data(path) -> str:
+    """The --data of the run at ``path`` (a latent pack: its samples are decoded with the pack's VAE)."""
+    return load_meta(resolve_checkpoint(path))["config"].get("data", "")
+
+
 def _is_online(path) -> bool:
     return bool(load_meta(resolve_checkpoint(path))["config"].get("online", {}).get("enabled"))
 
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
                 raise ValueError("--clusters names clusters of self-labels; an online run has prototypes: "
                                  "use --prototypes (or --like IMAGE)")
             x, ids, rows = _online(args, device)
-            return _write(x, ids, rows, args.out)
+            return _write(to_images(x, gen_cfg_data(args.ckpt)), ids, rows, args.out)
         if args.like or args.prototypes:
             raise ValueError("--like and --prototypes need an online self-guidance run (--preset uvit-*-online)")
         gen = load_generator(args.ckpt, device)
@@ -117,7 +123,7 @@ def main(argv=None) -> int:
         hint = " (list them with --list_layers)" if isinstance(err, KeyError) else ""
         print(f"error: {err.args[0] if err.args else err}{hint}", file=sys.stderr)
         return 2
-    return _write(x, ids, rows, args.out)
+    return _write(to_images(x, gen.cfg.data), ids, rows, args.out)
 
 
 OUT_SUFFIXES = (".png",)  # the grid; the raw samples go beside it as .npz
@@ -165,7 +171,7 @@ def check_model(gen, args) -> None:
 
 
 def _write(x: torch.Tensor, ids: torch.Tensor | None, rows: int, out: str) -> int:
-    imgs = to_uint8(x.cpu())
+    imgs = x.cpu()  # uint8: to_images decoded latents, or scaled pixels
     out = Path(out)
     save_grid(imgs, rows, out, scale=2)
     np.savez(out.with_suffix(".npz"), images=imgs.numpy(), clusters=(ids.numpy() if ids is not None else np.array([])))

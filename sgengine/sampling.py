@@ -14,9 +14,9 @@ import torch
 
 from .checkpoint import load_into, load_meta, resolve_checkpoint
 from .config import TrainConfig, from_dict
-from .data import to_uint8
 from .diffusion.objectives import Objective, build_network, make_objective, run_sampler
 from .diffusion.param import Parameterization, parameterization_for
+from .data.latents import to_images
 from .guidance.attach import list_attention_layers
 from .guidance.cfg import CFG
 from .guidance.sag import SAG
@@ -183,7 +183,7 @@ def grid_clusters(gen: Generator, rows: int) -> list[int]:
 
 
 def cluster_grid(gen: Generator, clusters: list[int], per_row: int, **kw) -> torch.Tensor:
-    """uint8 (len(clusters) * per_row, C, H, W), row r = samples of clusters[r]."""
+    """uint8 (len(clusters) * per_row, C, H, W), row r = samples of clusters[r] (latents decoded)."""
     ids = torch.tensor(clusters).repeat_interleave(per_row) if gen.k else None
     n = len(ids) if ids is not None else len(clusters) * per_row
-    return to_uint8(sample(gen, ids, n, **kw).cpu())
+    return to_images(sample(gen, ids, n, **kw), gen.cfg.data)

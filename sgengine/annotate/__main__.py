@@ -46,6 +46,8 @@ def build_parser() -> FlagParser:
     add_typed(p, "--k", Count, required=True, help="number of clusters / segments")
     add_typed(p, "--size", Count, default=32, help="training resolution (layouts are stored at it)")
     add_typed(p, "--channels", Count, default=3, help="image channels when reading a folder")
+    p.add_argument("--feature_data", help="images the extractor reads, at its own input size: the source folder "
+                                          "or a pack at that size (e.g. 224); default: --data itself")
     p.add_argument("--out", required=True, help="annotation file to write (.safetensors)")
     p.add_argument("--inspect", help="also write a PNG of example images per cluster (rows = clusters)")
     p.add_argument("--labels_metrics", action="store_true",
@@ -85,9 +87,25 @@ def features_for(args, data: ImageData, device: torch.device) -> tuple[dict, dic
     if missing:
         raise ValueError(f"--method {args.method} needs {sorted(missing)} features, which --extractor "
                          f"{args.extractor} does not give; LOST boxes need a ViT or the pixels extractor")
-    feats = extract(ext, data.images, args.batch_size, device, not args.quiet, _cache_dir(args),
+    feats = extract(ext, feature_images(args, data, ext), args.batch_size, device, not args.quiet, _cache_dir(args),
                     data.names or None, NEEDS[args.method])
     return feats, ext.settings
+
+
+def feature_images(args, data: ImageData, ext) -> torch.Tensor:
+    """What the extractor reads: --feature-data decoded at the extractor's size (full-resolution
+    sources, never the training images upsampled), else the training images."""
+    size = getattr(ext, "size", (args.size,))[0]
+    if not args.feature_data:
+        if size > data.images.shape[-1] and not args.quiet:
+            print(f"note: features from {data.images.shape[-1]}-px images upsampled to {size}; pass --feature-data "
+                  f"(the source folder, or python -m sgengine.data pack SRC OUT --size {size})", file=sys.stderr)
+        return data.images
+    feat = load_data(args.feature_data, size, args.channels, progress=not args.quiet)
+    if len(feat) != len(data) or (feat.names and data.names and feat.names != data.names):
+        raise ValueError(f"--feature-data {args.feature_data} holds {len(feat)} images, not the same {len(data)} "
+                         f"of --data {args.data} in the same order: pack both from one source")
+    return feat.images
 
 
 def _provides(ext) -> tuple[str, ...]:

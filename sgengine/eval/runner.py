@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data import load_array, load_folder, list_images, to_uint8
+from ..data import is_pack, load_array, load_folder, list_images, open_pack, to_uint8
 from ..sampling import Generator, sample
 from ..common.io import atomic_write
 from ..common.ranks import from_main
@@ -73,8 +73,11 @@ def describe(extractor) -> str:
 # ------------------------------------------------------------------------------ images and references
 
 def load_images(spec: str | os.PathLike, progress: bool = True) -> torch.Tensor:
-    """uint8 (N, C, H, W) from a folder (RGB, at the first image's size) or an .npz/.npy array."""
+    """uint8 (N, C, H, W) from a pack (memory-mapped), a folder (RGB, at the first image's size) or an
+    .npz/.npy array."""
     path = Path(spec)
+    if is_pack(path):
+        return open_pack(path, names=False).images
     if path.is_dir():
         files = list_images(path)
         if not files:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import to_uint8
+from ..data.latents import to_images
 from ..eval.cluster import cluster_report
 from ..sampling import Generator, load_generator, sample
 from ..common import ranks
@@ -255,8 +255,8 @@ class OnlineTrainer(Trainer):
         cfg, gen = self.cfg, self.online_generator()
         rows = top_prototypes(gen, cfg.grid_rows)
         ids = torch.tensor(rows).repeat_interleave(cfg.grid_cols)
-        imgs = to_uint8(sample_prototypes(gen, ids, w=cfg.guidance_w, steps=cfg.sample_steps,
-                                          sampler=cfg.sampler or None, seed=cfg.seed).cpu())
+        imgs = to_images(sample_prototypes(gen, ids, w=cfg.guidance_w, steps=cfg.sample_steps,
+                                           sampler=cfg.sampler or None, seed=cfg.seed), cfg.data)
         path = save_grid(imgs, len(rows), self.out / "samples" / f"step_{self.step:08d}.png", scale=2)
         save_grid(imgs, len(rows), self.out / "samples.png", scale=2)
         return path

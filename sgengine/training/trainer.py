@@ -26,7 +26,7 @@ from ..annotate.io import Annotations, load_annotations
 from ..checkpoint import latest_checkpoint, load_meta, load_state, load_weights, save_checkpoint, step_folders
 from ..common import ranks
 from ..config import TrainConfig, check_runnable, from_dict, to_dict
-from ..data import ImageData, load_data, report_skipped
+from ..data import BatchLoader, ImageData, load_data, report_skipped
 from ..device import resolve_device
 from ..diffusion.objectives import build_network, make_objective
 from ..sampling import Generator, cluster_grid, grid_clusters
@@ -96,7 +96,7 @@ class Trainer:
         D.setup(self.device, self.dist, need_group=cfg.deepspeed)
         self.out.mkdir(parents=True, exist_ok=True)
         net_cfg = cfg.uvit if cfg.arch == "uvit" else cfg.model  # the network fixes size and channels
-        self.data = load_data(cfg.data, net_cfg.img_size, net_cfg.in_channels, progress=self.dist.main)
+        self.data = load_data(cfg.data, net_cfg.img_size, net_cfg.in_channels, self.dist.main, cfg.data_resize)
         report_skipped(self.data, self.log)
         self.ann = build_conditions(cfg, self.data, self.out, annotations)
         if self.ann is not None and len(self.ann) != len(self.data):
@@ -104,6 +104,7 @@ class Trainer:
                              "annotate this exact data with `python -m sgengine.annotate`")
         self.cfg = resolve_model(cfg, self.ann, self.data)
         self._data_to_device()
+        self.loader = BatchLoader(self.data, self.device)  # packs: gathered from the map in the background
         self._build()
         self.resumed_from = self._resume() if cfg.resume else self._fresh()
         self.metrics = MetricsLogger(self.out, self.step if self.resumed_from else None) if self.dist.main else None
@@ -118,14 +119,17 @@ class Trainer:
             self.data.images = imgs.to(self.device)
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
-        """Floats in [-1, 1] on the device; host data go through pinned memory, copied asynchronously."""
-        imgs = self.data.images
-        if self.device.type != "cuda" or imgs.device == self.device:
-            return self.data.batch(idx, self.device)
-        # torch's caching host allocator reuses this page-locked block only once the copy has finished.
-        buf = torch.empty((len(idx), *imgs.shape[1:]), dtype=imgs.dtype, pin_memory=True)
-        torch.index_select(imgs, 0, idx, out=buf)
-        return buf.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)  # as ImageData.batch
+        """Floats on the device (uint8 scaled to [-1, 1]), gathered by sgengine.data.BatchLoader."""
+        return self.loader.get(idx)
+
+    def _prefetch(self) -> None:
+        """Hand this rank's next shards to the loader: the rest of this step's micro-batches and the
+        next step's first, whose indices come from a peek at (a copy of) the index generator."""
+        b, accum, n = self.cfg.batch_size, self.cfg.grad_accum, len(self.data)
+        peek = torch.Generator().set_state(self.g.get_state())
+        upcoming = torch.randint(n, (self.global_batch,), generator=peek)  # _draw's first draw
+        shards = [self._draws[0][D.shard_slice(b, m, self.dist)] for m in range(1, accum)]
+        self.loader.prefetch(shards + [upcoming[D.shard_slice(b, 0, self.dist)]])
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -199,6 +203,7 @@ class Trainer:
         """This rank's shard of micro-step ``micro``; micro-step 0 draws the next global batch."""
         if micro == 0:
             self._draw()
+            self._prefetch()
         rows = D.shard_slice(self.cfg.batch_size, micro, self.dist)
         idx, null, flip = (None if t is None else t[rows] for t in self._draws)
         x = self._flip(self._images(idx), flip)

@@ -1,0 +1,55 @@
+"""``python -m sgengine.data``: pack a source once, or encode a pack into latents.
+
+    python -m sgengine.data pack SRC OUT --size 64 --workers 8        # folder, npz batches or tar shards
+    python -m sgengine.data encode OUT LATENTS --vae sd-vae-ft-ema    # 256-px pack -> 32x32x4 latents
+    python -m sgengine.train --data LATENTS ...                        # trains on the memory map
+
+Both resume when rerun with the same arguments after a kill.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sgengine.data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    pk = sub.add_parser("pack", help="decode SRC in parallel into a memory-mappable pack OUT")
+    pk.add_argument("src", help="image folder (recursive), .npz batch(es) (ImageNet32/64), or .tar shard(s)")
+    pk.add_argument("out", help="pack folder to write (resumed when it holds an unfinished pack)")
+    pk.add_argument("--size", type=int, required=True, help="side of the square images (ADM centre crop)")
+    pk.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    pk.add_argument("--workers", type=int, default=2, help="decoding processes (0 or 1: in this process)")
+    pk.add_argument("--chunk", type=int, default=256, help="images per task (the unit of resumption)")
+    pk.add_argument("--quiet", action="store_true")
+    en = sub.add_parser("encode", help="encode an image pack into a latent pack with a diffusers AutoencoderKL")
+    en.add_argument("pack", help="image pack (python -m sgengine.data pack)")
+    en.add_argument("out", help="latent pack folder to write (resumed when unfinished)")
+    en.add_argument("--vae", required=True, help="AutoencoderKL folder (config.json + weights) or weights file")
+    en.add_argument("--batch-size", type=int, default=32)
+    en.add_argument("--scaling-factor", type=float, default=None, help="default: the VAE config's (SD: 0.18215)")
+    en.add_argument("--device", default="auto")
+    en.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pack":
+            from .pack import pack
+            pack(args.src, args.out, args.size, args.channels, args.workers, args.chunk, progress=not args.quiet)
+        else:
+            from .latents import encode
+            encode(args.pack, args.out, args.vae, args.batch_size, args.device, args.scaling_factor,
+                   progress=not args.quiet)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
