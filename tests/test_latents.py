@@ -67,7 +67,7 @@ def test_killed_encode_resumes_to_the_same_bytes(setup, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         L.encode(root / "pack", root / "lat2", root / "vae", batch_size=5, device="cpu", progress=False)
     monkeypatch.setattr(L.RowWriter, "write", real)
-    assert main(["encode", str(root / "pack"), str(root / "lat2"), "--vae", str(root / "vae"), "--batch-size", "5",
+    assert main(["encode", str(root / "pack"), str(root / "lat2"), "--vae", str(root / "vae"), "--batch_size", "5",
                  "--device", "cpu", "--quiet"]) == 0
     assert (root / "lat2" / DATA).read_bytes() == (root / "lat" / DATA).read_bytes()
 

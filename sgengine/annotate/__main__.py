@@ -93,7 +93,7 @@ def features_for(args, data: ImageData, device: torch.device) -> tuple[dict, dic
 
 
 def feature_images(args, data: ImageData, ext) -> torch.Tensor:
-    """What the extractor reads: --feature-data decoded at the extractor's size (full-resolution
+    """What the extractor reads: --feature_data decoded at the extractor's size (full-resolution
     sources, never the training images upsampled), else the training images."""
     size = getattr(ext, "size", (args.size,))[0]
     if not args.feature_data:

@@ -10,26 +10,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Literal
+
+from ..common.flags import Count, FlagParser, NonNegInt, Positive, add_typed
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sgengine.data", description=__doc__,
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="python -m sgengine.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pk = sub.add_parser("pack", help="decode SRC in parallel into a memory-mappable pack OUT")
     pk.add_argument("src", help="image folder (recursive), .npz batch(es) (ImageNet32/64), or .tar shard(s)")
     pk.add_argument("out", help="pack folder to write (resumed when it holds an unfinished pack)")
-    pk.add_argument("--size", type=int, required=True, help="side of the square images (ADM centre crop)")
-    pk.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    pk.add_argument("--workers", type=int, default=2, help="decoding processes (0 or 1: in this process)")
-    pk.add_argument("--chunk", type=int, default=256, help="images per task (the unit of resumption)")
+    add_typed(pk, "--size", Count, required=True, help="side of the square images (ADM centre crop)")
+    add_typed(pk, "--channels", Literal[1, 3], default=3, help="image channels")
+    add_typed(pk, "--workers", NonNegInt, default=2, help="decoding processes (0 or 1: in this process)")
+    add_typed(pk, "--chunk", Count, default=256, help="images per task (the unit of resumption)")
     pk.add_argument("--quiet", action="store_true")
     en = sub.add_parser("encode", help="encode an image pack into a latent pack with a diffusers AutoencoderKL")
     en.add_argument("pack", help="image pack (python -m sgengine.data pack)")
     en.add_argument("out", help="latent pack folder to write (resumed when unfinished)")
     en.add_argument("--vae", required=True, help="AutoencoderKL folder (config.json + weights) or weights file")
-    en.add_argument("--batch-size", type=int, default=32)
-    en.add_argument("--scaling-factor", type=float, default=None, help="default: the VAE config's (SD: 0.18215)")
+    add_typed(en, "--batch_size", Count, default=32, help="images per VAE forward")
+    add_typed(en, "--scaling_factor", Positive | None, default=None, help="default: the VAE config's (SD: 0.18215)")
     en.add_argument("--device", default="auto")
     en.add_argument("--quiet", action="store_true")
     return p
