@@ -19,29 +19,42 @@ Embedding in another training loop (examples/third_party_trainer.py runs all of 
     sg.save_grid(x, rows=2, path="grid.png")       # floats in [-1, 1] / [0, 1] or uint8, checked
     sg.cluster_report(labels, k, true_labels)      # NMI / ARI / accuracy / balance
 """
-from .annotate.io import Annotations, load_annotations, save_annotations
-from .annotate.kmeans import KMeans, kmeans
-from .config import PRESETS, TrainConfig, apply_overrides, preset
-from .diffusion import (SAMPLERS, EDMLoss, EDMPrecond, EpsilonLoss, FlowMatchingLoss, Parameterization,
-                        edm_param, eps_param, flow_param, karras_sigmas, make_objective, parameterization_for,
-                        v_param)
-from .eval.cluster import cluster_report, format_report
-from .guidance import SAG, DiffusersDenoiser, capture_key_mass, list_attention_layers
-from .guidance.cfg import CFG
-from .models.unet import UNET_PRESETS, UNet, UNetConfig, unet_config
-from .sampling import Generator, load_generator, sample
-from .training.ema import EMA
-from .training.trainer import Trainer
-from .viz import save_grid
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Annotations", "load_annotations", "save_annotations", "KMeans", "kmeans",
-    "PRESETS", "TrainConfig", "apply_overrides", "preset", "CFG", "SAG", "DiffusersDenoiser", "Parameterization",
-    "capture_key_mass", "list_attention_layers", "parameterization_for",
-    "SAMPLERS", "EDMLoss", "EDMPrecond", "EpsilonLoss", "FlowMatchingLoss", "edm_param", "eps_param", "flow_param",
-    "karras_sigmas", "make_objective", "v_param", "cluster_report", "format_report", "EMA", "save_grid",
-    "UNET_PRESETS", "UNet", "UNetConfig", "unet_config",
-    "Generator", "load_generator", "sample", "Trainer",
-]
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that
+# `import sgengine.kernels` or `import sgengine.diffusion` does not load the trainer, annotate,
+# DeepSpeed or triton, and `import sgengine` costs almost nothing.
+_EXPORTS = {
+    **dict.fromkeys(("Annotations", "load_annotations", "save_annotations"), "annotate.io"),
+    **dict.fromkeys(("KMeans", "kmeans"), "annotate.kmeans"),
+    **dict.fromkeys(("PRESETS", "TrainConfig", "apply_overrides", "preset"), "config"),
+    **dict.fromkeys(("SAMPLERS", "EDMLoss", "EDMPrecond", "EpsilonLoss", "FlowMatchingLoss", "Parameterization",
+                     "edm_param", "eps_param", "flow_param", "karras_sigmas", "make_objective",
+                     "parameterization_for", "v_param"), "diffusion"),
+    **dict.fromkeys(("cluster_report", "format_report"), "eval.cluster"),
+    **dict.fromkeys(("SAG", "DiffusersDenoiser", "capture_key_mass", "list_attention_layers"), "guidance"),
+    "CFG": "guidance.cfg",
+    **dict.fromkeys(("UNET_PRESETS", "UNet", "UNetConfig", "unet_config"), "models.unet"),
+    **dict.fromkeys(("Generator", "load_generator", "sample"), "sampling"),
+    "EMA": "training.ema",
+    "Trainer": "training.trainer",
+    "save_grid": "viz",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sgengine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
