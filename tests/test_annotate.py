@@ -300,6 +300,21 @@ def test_cli_random_vit_on_digits(tmp_path, tiny_vit, capsys):
 
 
 @needs_timm
+def test_random_vit_is_seeded_and_keyed_by_its_seed(tmp_path, tiny_vit):
+    from sgengine.annotate.features import ViTExtractor, cache_key
+    name, _ = tiny_vit
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    a, b, c = (ViTExtractor(name, "random", seed=s) for s in (1, 1, 2))
+    assert torch.equal(a(images)["cls"], b(images)["cls"])
+    assert not torch.allclose(a(images)["cls"], c(images)["cls"])
+    assert cache_key(a, images, None, ("cls",)) == cache_key(b, images, None, ("cls",))
+    assert cache_key(a, images, None, ("cls",)) != cache_key(c, images, None, ("cls",))
+    from sgengine.annotate.__main__ import build_parser
+    help_text = " ".join(build_parser().format_help().split())
+    assert "'random' for a random init seeded by --seed" in help_text and "feature-cache key" in help_text
+
+
+@needs_timm
 def test_cli_corrupt_weights_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"\x00garbage")

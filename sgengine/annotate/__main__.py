@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="labels")
     p.add_argument("--extractor", default="pixels",
                    help="pixels | pca | <timm ViT name, e.g. vit_small_patch16_224.dino> | diffusion:<run_dir>")
-    p.add_argument("--weights", help="local ViT weights (.pth / .safetensors; timm or DINO layout); "
-                                     "without it the hub's pretrained weights are fetched (online only)")
+    p.add_argument("--weights", help="local ViT weights (.pth / .safetensors; timm or DINO layout), or "
+                                     "'random' for a random init seeded by --seed (a baseline); without "
+                                     "it the hub's pretrained weights are fetched (online only)")
     p.add_argument("--img-size", type=int, help="ViT input size (default: the model's own, e.g. 224)")
     p.add_argument("--layer", default="mid", help="diffusion block: index, 'mid' or module name")
     p.add_argument("--t", type=float, help="diffusion noise level (ddpm timestep, flow time, edm sigma)")
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch size")
     p.add_argument("--cache", default="auto", help="feature cache folder ('auto': next to --out; 'none': off)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds k-means, TEMI, STEGO and a --weights random ViT (part of the feature-cache key)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -77,7 +79,7 @@ def features_for(args, data: ImageData, device: torch.device) -> tuple[dict, dic
     from .features import extract, make_extractor
 
     ext = make_extractor(args.extractor, args.weights, args.img_size, args.layer, args.t,
-                         args.pca_dim, args.patch, device)
+                         args.pca_dim, args.patch, device, seed=args.seed)
     missing = set(NEEDS[args.method]) - set(_provides(ext))
     if missing:
         raise ValueError(f"--method {args.method} needs {sorted(missing)} features, which --extractor "
