@@ -50,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require labels in the data (NMI / ARI / accuracy are printed whenever labels exist)")
     p.add_argument("--epochs", type=int, default=100, help="TEMI epochs")
     p.add_argument("--temi-heads", type=int, default=16, help="TEMI heads (the best one is used)")
-    p.add_argument("--temi-lr", type=float, default=5e-4, help="TEMI learning rate per 256 samples")
-    p.add_argument("--temi-momentum", type=float, default=0.996,
-                   help="TEMI teacher EMA start (paper: 0.996 for ~20k steps; small data sets with a few "
-                        "hundred steps in all do better with ~0.95 and --temi-lr 1e-2)")
+    p.add_argument("--temi-lr", type=float, default=None,
+                   help="TEMI learning rate per 256 samples (default: the paper's 5e-4 for runs of >= 20k "
+                        "steps, stretched up to 25x on shorter runs: 1.25e-2 on digits' 800 steps)")
+    p.add_argument("--temi-momentum", type=float, default=None,
+                   help="TEMI teacher EMA start (default: the paper's 0.996 for runs of >= 20k steps, "
+                        "1 - 0.004 x 20k / steps on shorter ones, at least 0.9)")
     p.add_argument("--steps", type=int, default=2000, help="STEGO head training steps")
     p.add_argument("--crf", action="store_true",
                    help="refine --method segments per pixel with a dense CRF (STEGO's settings; exact, in PyTorch)")

@@ -11,8 +11,16 @@ the batch-mean teacher probabilities), the loss of a pair is (TEMI eq. 6 / C-EDM
 
 symmetrised over (x, x') and averaged over the batch; the heads are independent and the one with
 the lowest loss gives the clusters (the argmax of its teacher). The teacher momentum rises from
-0.996 to 1 on a cosine schedule. Optimiser as in the authors' code: AdamW, lr 5e-4 per 256 samples,
-linear warm-up then cosine decay, weight decay 1e-4, last layer frozen for the first epoch.
+m0 to 1 on a cosine schedule over the total number of steps (DINO's per-step schedule). Optimiser as
+in the authors' code: AdamW, linear warm-up then cosine decay, weight decay 1e-4, last layer frozen
+for the first epoch.
+
+Schedules that scale with the run: the paper's m0 = 0.996 and lr = 5e-4 per 256 samples are tuned
+for runs of ~20k steps (``reference_steps``: CIFAR-scale, ~200 steps x 100 epochs); on a run of
+S < 20k steps both are stretched by s = min(20k / S, 25): 1 - m0 = 0.004 s (the teacher's averaging
+horizon 1 / (1 - m0) stays S / 80 steps) and lr = 5e-4 s, so that the teacher and the heads travel
+as far in a short run as in the paper's. Runs of 20k steps or more use the paper's values; explicit
+``momentum`` / ``lr`` override the scaling.
 
 The upper bound (C-EDM section 3.3): utilisation C_u / C (C_u = clusters with at least one image)
 for C doubling from ``c_start`` until it falls below ``threshold``, then a binary search between the
@@ -43,16 +51,27 @@ class TEMIConfig:
     bottleneck: int = 256
     temperature: float = 0.1
     beta: float = 0.6
-    momentum: float = 0.996  # teacher EMA, rising to 1 on a cosine schedule
+    momentum: float | None = None  # teacher EMA start, rising to 1; None: scaled to the run (above)
     prior_momentum: float = 0.9
     knn: int = 50
     batch_size: int = 256
-    lr: float = 5e-4  # per 256 samples (linear scaling)
+    lr: float | None = None  # per 256 samples (linear scaling); None: scaled to the run (above)
     min_lr: float = 1e-6
     weight_decay: float = 1e-4
     warmup_epochs: int = 10  # capped at a tenth of the run
     freeze_last_layer_epochs: int = 1
     seed: int = 0
+    reference_steps: int = 20_000  # the run length the paper's momentum and lr are tuned for
+
+
+PAPER_MOMENTUM, PAPER_LR, MAX_STRETCH = 0.996, 5e-4, 25.0
+
+
+def scaled_schedule(cfg: TEMIConfig, total_steps: int) -> tuple[float, float]:
+    """(teacher momentum start m0, lr per 256 samples) for a run of ``total_steps`` (module doc)."""
+    stretch = min(max(cfg.reference_steps / max(total_steps, 1), 1.0), MAX_STRETCH)
+    momentum = cfg.momentum if cfg.momentum is not None else 1 - (1 - PAPER_MOMENTUM) * stretch
+    return momentum, cfg.lr if cfg.lr is not None else PAPER_LR * stretch
 
 
 def cosine_knn(features: torch.Tensor, k: int = 50, batch_size: int = 1024, progress: bool = False) -> torch.Tensor:
@@ -115,12 +134,13 @@ def temi_loss(s1, s2, t1, t2, prior: torch.Tensor, cfg: TEMIConfig):
 def _schedules(cfg: TEMIConfig, it: int, total: int, per_epoch: int, batch: int) -> tuple[float, float]:
     """(learning rate, teacher momentum) at step ``it``: linear warm-up + cosine, cosine momentum."""
     warm = min(cfg.warmup_epochs, total // per_epoch // 10) * per_epoch
-    base = cfg.lr * batch / 256
+    m0, lr0 = scaled_schedule(cfg, total)
+    base = lr0 * batch / 256
     if it < warm:
         lr = base * (it + 1) / warm
     else:
         lr = cfg.min_lr + (base - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * (it - warm) / max(total - warm, 1)))
-    momentum = 1 - (1 - cfg.momentum) * 0.5 * (1 + math.cos(math.pi * it / total))
+    momentum = 1 - (1 - m0) * 0.5 * (1 + math.cos(math.pi * it / total))
     return lr, momentum
 
 
@@ -145,7 +165,7 @@ class _Trainer:
             torch.manual_seed(cfg.seed)
             self.student = TEMIHeads(x.shape[1], clusters, cfg.heads, cfg.hidden, cfg.bottleneck).to(x.device)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=0.0, weight_decay=cfg.weight_decay)  # set per step
         self.prior = torch.full((cfg.heads, clusters), 1 / clusters, device=x.device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -253,5 +273,8 @@ def temi_annotations(features: torch.Tensor, k: int, settings: dict, epochs: int
                      cfg: TEMIConfig = TEMIConfig(), device=None, progress: bool = True) -> Annotations:
     """Self-labels from TEMI's best head (C-EDM's cluster conditioning, SPEC section 3)."""
     ids, info = temi_cluster(features, k, epochs, cfg, device=device, progress=progress)
-    temi = {"head": info["head"], "final_loss": info["loss"][-1], "epochs": epochs, **dataclasses.asdict(cfg)}
+    steps = epochs * math.ceil(len(features) / min(cfg.batch_size, len(features)))
+    m0, lr = scaled_schedule(cfg, steps)
+    temi = {"head": info["head"], "final_loss": info["loss"][-1], "epochs": epochs, **dataclasses.asdict(cfg),
+            "steps": steps, "momentum_start": m0, "lr_per_256": lr}
     return Annotations(ids, k, settings={**settings, "temi": temi})
