@@ -10,7 +10,7 @@ N=3000, d=16, K=30. Cases:
 * assignment: sgengine's blocked ``addmm`` + ``min`` (``KMeans.assign``: no N x K matrix) vs
   faiss ``IndexFlatL2.search(x, 1)``, on the same centroids;
 * full train, 20 Lloyd iterations: ``KMeans(niter=20).train`` (greedy k-means++ on a
-  16 K-row sample) vs ``faiss.Kmeans`` (random init, every row: max_points_per_centroid large
+  4 K-row sample) vs ``faiss.Kmeans`` (random init, every row: max_points_per_centroid large
   enough) vs scikit-learn ``KMeans(max_iter=20, n_init=1, tol=0)`` (greedy k-means++ on all rows).
 
 Targets (issue #14): assignment and train within 1.5x of faiss. The script mode runs the providers

@@ -146,9 +146,23 @@ def test_cluster_count_bound_is_plausible_and_tabulated():
     assert cs == sorted(cs) and cs[:2] == [2, 4] and bound in cs
     for r in table:
         assert r["ratio"] == pytest.approx(r["C_u"] / r["C"]) and 1 <= r["C_u"] <= r["C"]
-        assert (r["ratio"] >= 0.9) == (r["C"] <= bound)  # monotone on this data: a clean cut
+    assert bound == max(r["C"] for r in table if r["ratio"] >= 0.9)
     assert max(cs) < 64  # the doubling stopped at the first bad C
     assert f"upper bound on the number of clusters: {bound}" in lines[0]
+
+
+def test_cluster_count_bound_grid_searches_eight_blobs():
+    """The bound's defaults (threshold 0.9, c_start 2, 50 epochs, run-scaled schedules; smaller
+    heads only for speed) on 8 separated blobs: doubling to the first C below the threshold, then
+    every C in between (utilisation is not monotone in C, so no bisection)."""
+    x, _ = _blobs(50, 8)
+    bound, table = cluster_count_bound(x, cfg=TEMIConfig(heads=4, hidden=128, bottleneck=64),
+                                       progress=False, log=lambda _: None)
+    assert 8 <= bound <= 16, table
+    ratio = {r["C"]: r["ratio"] for r in table}
+    first_bad = min(c for c in ratio if c & (c - 1) == 0 and ratio[c] < 0.9)  # a doubling step
+    assert set(range(first_bad // 2, first_bad + 1)) <= set(ratio)
+    assert bound == max(c for c in ratio if ratio[c] >= 0.9)
 
 
 # ------------------------------------------------------------------------------------ STEGO
