@@ -22,6 +22,8 @@ FAMILIES = {
     "test_sag_degrade": ("fused SAG degrade", "torch-chain"),
     "test_sag_cfg_step": ("SAG+CFG sampling step", "cfg"),
     "test_lloyd_iteration": ("k-means Lloyd iteration", "torch-fp32"),
+    "test_cpu_assignment": ("k-means assignment, CPU 2 threads", "faiss"),
+    "test_cpu_train": ("k-means full train, CPU 2 threads", "faiss"),
     "test_sinkhorn": ("Sinkhorn-Knopp", "swav"),
     "test_train_sgengine": ("training throughput", "diffusers compiled"),
     "test_train_diffusers_baseline": ("training throughput", "diffusers compiled"),

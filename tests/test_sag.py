@@ -354,6 +354,78 @@ def _reference_eps(cfg, net, store, x, t, y, w, s, blur):
     return eps_u + w * (eps_c - eps_u) + s * (eps_u - net(x_deg, t, y=y, null=yes))
 
 
+def _sag_pipeline_code():
+    """``StableDiffusionSAGPipeline``'s own SAG code, taken verbatim from the installed diffusers:
+    the module imports transformers (CLIP) at the top, which this math never touches, so only
+    ``CrossAttnStoreProcessor``, ``sag_masking``, ``pred_x0``, ``pred_epsilon`` and
+    ``gaussian_blur_2d`` are compiled from its source."""
+    import ast
+    import importlib.util
+    from types import SimpleNamespace
+    _diffusers()
+    spec = importlib.util.find_spec("diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag")
+    tree = ast.parse(open(spec.origin).read())
+    keep = {"CrossAttnStoreProcessor", "StableDiffusionSAGPipeline", "gaussian_blur_2d"}
+    methods = {"sag_masking", "pred_x0", "pred_epsilon"}
+    nodes = [n for n in tree.body if getattr(n, "name", None) in keep]
+    for n in nodes:
+        if n.name == "StableDiffusionSAGPipeline":
+            n.bases, n.keywords = [], []
+            n.body = [m for m in n.body if getattr(m, "name", None) in methods]
+    namespace = {"torch": torch, "F": F}
+    exec(compile(ast.Module(nodes, type_ignores=[]), spec.origin, "exec"), namespace)
+    return SimpleNamespace(**{k: namespace[k] for k in keep})
+
+
+def _sag_pipeline_eps(unet, scheduler, latents, t, emb_u, emb_c, w, s):
+    """One step of diffusers' ``StableDiffusionSAGPipeline.__call__`` loop (its store processor on
+    the mid block, its map-size hook, its ``pred_x0`` / ``pred_epsilon`` / ``sag_masking``);
+    ``emb_c`` None: the branch without CFG (SAG on the conditional pass with ``emb_u``)."""
+    code = _sag_pipeline_code()
+    pipe, store, map_size = code.StableDiffusionSAGPipeline(), code.CrossAttnStoreProcessor(), []
+    pipe.unet, pipe.scheduler = unet, scheduler
+    originals = unet.attn_processors
+    unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor = store
+    hook = unet.mid_block.attentions[0].register_forward_hook(lambda m, i, o: map_size.append(o[0].shape[-2:]))
+    try:
+        if emb_c is None:
+            eps = unet(latents, t, encoder_hidden_states=emb_u).sample
+            attn, eps_sag, emb_deg = store.attention_probs, eps, emb_u
+        else:
+            eps_u, eps_c = unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([emb_u, emb_c])).sample.chunk(2)
+            eps, attn, eps_sag, emb_deg = eps_u + w * (eps_c - eps_u), store.attention_probs.chunk(2)[0], eps_u, emb_u
+        degraded = pipe.sag_masking(pipe.pred_x0(latents, eps_sag, t), attn, map_size[0], t,
+                                    pipe.pred_epsilon(latents, eps_sag, t))
+        return eps + s * (eps_sag - unet(degraded, t, encoder_hidden_states=emb_deg).sample)
+    finally:
+        hook.remove()
+        unet.set_attn_processor(originals)
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 3.0])
+@pytest.mark.parametrize("hw", [(16, 16), (16, 24), (16, 64)])
+def test_sag_on_a_diffusers_unet_equals_diffusers_sag_pipeline_at_every_aspect_ratio(hw, cfg_scale):
+    """The mid block's tokens are flattened (B, h*w, C): the grid comes from the enclosing
+    Transformer2DModel's 4-D input, so 3:2 and 1:4 latents give diffusers' mask exactly."""
+    from diffusers import DDIMScheduler
+
+    from sgengine.guidance import DiffusersDenoiser, ddpm_param
+    torch.manual_seed(1)
+    unet, scheduler = _diffusers_unet(conditional=True), DDIMScheduler(beta_schedule="scaled_linear")
+    latents, t = torch.randn(2, 1, *hw), 400
+    emb_u, emb_c = torch.randn(1, 3, 6), torch.randn(2, 3, 6)
+    net = DiffusersDenoiser(unet, null_context=emb_u)
+    param = ddpm_param(scheduler.alphas_cumprod.double())
+    cond = {"y": emb_c if cfg_scale else emb_u.expand(2, -1, -1)}
+    with torch.no_grad():
+        with SAG(net, param, "mid_block.attentions.0.transformer_blocks.0.attn1", scale=0.75, blur=(9, 1.0),
+                 w=cfg_scale, **cond) as sag:
+            got = sag(latents, torch.full((2,), float(t)))
+        want = _sag_pipeline_eps(unet, scheduler, latents, torch.tensor(t), emb_u.expand(2, -1, -1),
+                                 emb_c if cfg_scale else None, cfg_scale, 0.75)
+    assert (got - want).norm() / want.norm() <= 1e-4
+
+
 def test_sag_drives_an_unconditional_diffusers_unet_through_ddim():
     from sgengine.diffusion.samplers import ddim_sample
     from sgengine.guidance import DiffusersDenoiser

@@ -36,8 +36,9 @@ def build_parser() -> FlagParser:
     add_typed(p, "--method", Literal[METHODS], default="labels", help="what to annotate (see above)")
     p.add_argument("--extractor", default="pixels",
                    help="pixels | pca | <timm ViT name, e.g. vit_small_patch16_224.dino> | diffusion:<run_dir>")
-    p.add_argument("--weights", help="local ViT weights (.pth / .safetensors; timm or DINO layout); "
-                                     "without it the hub's pretrained weights are fetched (online only)")
+    p.add_argument("--weights", help="local ViT weights (.pth / .safetensors; timm or DINO layout), or "
+                                     "'random' for a random init seeded by --seed (a baseline); without "
+                                     "it the hub's pretrained weights are fetched (online only)")
     add_typed(p, "--img_size", Count | None, help="ViT input size (default: the model's own, e.g. 224)")
     p.add_argument("--layer", default="mid", help="diffusion block: index, 'mid' or module name")
     add_typed(p, "--t", float | None, help="diffusion noise level (ddpm timestep, flow time, edm sigma)")
@@ -54,10 +55,12 @@ def build_parser() -> FlagParser:
                    help="require labels in the data (NMI / ARI / accuracy are printed whenever labels exist)")
     add_typed(p, "--epochs", Count, default=100, help="TEMI epochs")
     add_typed(p, "--temi_heads", Count, default=16, help="TEMI heads (the best one is used)")
-    add_typed(p, "--temi_lr", Positive, default=5e-4, help="TEMI learning rate per 256 samples")
-    add_typed(p, "--temi_momentum", Fraction, default=0.996,
-              help="TEMI teacher EMA start (paper: 0.996 for ~20k steps; small data sets with a few "
-                   "hundred steps in all do better with ~0.95 and --temi_lr 1e-2)")
+    add_typed(p, "--temi_lr", Positive | None, default=None,
+              help="TEMI learning rate per 256 samples (default: the paper's 5e-4 for runs of >= 20k "
+                   "steps, stretched up to 25x on shorter runs: 1.25e-2 on digits' 800 steps)")
+    add_typed(p, "--temi_momentum", Fraction | None, default=None,
+              help="TEMI teacher EMA start (default: the paper's 0.996 for runs of >= 20k steps, "
+                   "1 - 0.004 x 20k / steps on shorter ones, at least 0.9)")
     add_typed(p, "--steps", Count, default=2000, help="STEGO head training steps")
     p.add_argument("--crf", action="store_true",
                    help="refine --method segments per pixel with a dense CRF (STEGO's settings; exact, in PyTorch)")
@@ -66,7 +69,8 @@ def build_parser() -> FlagParser:
     add_typed(p, "--batch_size", Count, default=64, help="feature extraction batch size")
     p.add_argument("--cache", default="auto", help="feature cache folder ('auto': next to --out; 'none': off)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
-    add_typed(p, "--seed", int, default=0)
+    add_typed(p, "--seed", int, default=0,
+              help="seeds k-means, TEMI, STEGO and a --weights random ViT (part of the feature-cache key)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -82,7 +86,7 @@ def features_for(args, data: ImageData, device: torch.device) -> tuple[dict, dic
     from .features import extract, make_extractor
 
     ext = make_extractor(args.extractor, args.weights, args.img_size, args.layer, args.t,
-                         args.pca_dim, args.patch, device)
+                         args.pca_dim, args.patch, device, seed=args.seed)
     missing = set(NEEDS[args.method]) - set(_provides(ext))
     if missing:
         raise ValueError(f"--method {args.method} needs {sorted(missing)} features, which --extractor "

@@ -97,22 +97,25 @@ class ViTExtractor(nn.Module):
     """A timm ViT: CLS token, patch tokens (after the final norm) and last-block keys of the patches.
 
     weights: None = timm's pretrained weights from the hub (online only); a path = a local state
-    dict (.pth / .safetensors, timm's or DINO's layout); "random" = random initialisation (tests).
+    dict (.pth / .safetensors, timm's or DINO's layout); "random" = random initialisation from
+    ``seed`` (the seed is in ``settings``, hence in the feature-cache key).
     img_size: the model's input size (default: the model's own, e.g. 224); images are resized to it
     (bicubic, antialiased) and normalised with the model's mean / std; grey is repeated to RGB.
     """
 
     def __init__(self, name: str, weights: str | os.PathLike | None = None, img_size: int | None = None,
-                 device: str | torch.device = "cpu", **model_kwargs):
+                 device: str | torch.device = "cpu", seed: int = 0, **model_kwargs):
         super().__init__()
-        self.model = self._create(name, weights, img_size, model_kwargs).eval().requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):  # timm initialises from the global generator
+            torch.manual_seed(seed)
+            self.model = self._create(name, weights, img_size, model_kwargs).eval().requires_grad_(False)
         self.size = tuple(self.model.patch_embed.img_size)
         self.grid = tuple(self.model.patch_embed.grid_size)
         cfg = getattr(self.model, "pretrained_cfg", None) or {}  # models built outside timm's registry have none
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
         self.settings = {"extractor": name, "img_size": list(self.size), "model_kwargs": model_kwargs,
-                         "weights": "hub" if weights is None else str(weights) if weights == "random"
+                         "weights": "hub" if weights is None else {"random": seed} if weights == "random"
                          else _file_identity(weights)}
         self._keys = None
         qkv = getattr(getattr(self.model.blocks[-1], "attn", None), "qkv", None)
@@ -303,15 +306,17 @@ class DiffusionExtractor(nn.Module):
 # ------------------------------------------------------------------------------------ factory
 
 def make_extractor(spec: str, weights=None, img_size: int | None = None, layer: int | str = "mid",
-                   t: float | None = None, pca_dim: int = 64, patch: int = 4, device="cpu") -> nn.Module:
-    """'pixels' | 'pca' | 'diffusion:<run_dir>' | a timm model name."""
+                   t: float | None = None, pca_dim: int = 64, patch: int = 4, device="cpu",
+                   seed: int = 0) -> nn.Module:
+    """'pixels' | 'pca' | 'diffusion:<run_dir>' | a timm model name; ``seed``: the random init of
+    a ViT with weights="random"."""
     if spec == "pixels":
         return PixelExtractor(patch)
     if spec == "pca":
         return PixelExtractor(patch, pca_dim)
     if spec.startswith("diffusion:"):
         return DiffusionExtractor(spec.split(":", 1)[1], layer, t, device=device)
-    return ViTExtractor(spec, weights, img_size, device)
+    return ViTExtractor(spec, weights, img_size, device, seed=seed)
 
 
 # ------------------------------------------------------------------------------------ extract

@@ -2,15 +2,21 @@
 
 Lloyd's algorithm with these choices:
 
-* Assignment: :func:`sgengine.kernels.kmeans.kmeans_assign` per chunk of rows (on CUDA a fused
-  GEMM + running argmin that never writes N x K; on CPU the chunked PyTorch reference).
-  Data is assigned in its own dtype: pass bfloat16 features for the fast tensor-core path.
-* Update, deterministic: per chunk, ids are sorted (stable), rows gathered in that order as fp32,
-  and summed with ``torch.segment_reduce`` in two levels (pieces of at most 64 rows, then the
-  pieces of each cluster), which sums in a fixed order on every device; no float atomics, so the
-  same input gives the same centroids bit for bit, GPU included. Chunk sums are accumulated in
-  float64 in chunk order.
-* Init: k-means++ (D^2 sampling) on a random candidate sample of min(N, max(4096, 16 K)) rows.
+* Assignment: on CUDA (backend "auto" / "triton") :func:`sgengine.kernels.kmeans.kmeans_assign`
+  per chunk of rows, a fused GEMM + running argmin that never writes N x K. Backend "torch" (and
+  "auto" on the CPU) runs :func:`~sgengine.annotate.kmeans_torch.assign_blocked`: a blocked
+  ``addmm`` whose cache-sized score block is reduced by ``min`` at once, ||x||^2 computed once
+  per run; memory O(N + K d). Data is assigned in its own dtype: pass bfloat16 features for the
+  fast tensor-core path.
+* Update, deterministic: on CUDA, per chunk, ids are sorted (stable), rows gathered in that order
+  as fp32, and summed with ``torch.segment_reduce`` in two levels (pieces of at most 64 rows,
+  then the pieces of each cluster), a fixed order with no float atomics, so the same input gives
+  the same centroids bit for bit. On the CPU ``index_add_`` adds rows in index order (also
+  deterministic, 6x faster than the sort). Partial sums are accumulated in float64.
+* Init: greedy k-means++ as scikit-learn (2 + ln K D^2-sampled candidates a step, the one that
+  lowers the potential most is kept) on a random sample of min(N, max(4096, 4 K)) rows: each
+  step reads the whole sample, so K steps cost O(m K d); with m = 16 K the init alone took half
+  of faiss's whole 20-iteration train at N=100k, K=1000 (sklearn runs it on all N: 40 s).
   All randomness comes from a CPU ``torch.Generator`` seeded with ``seed`` (uniforms are drawn
   up front and D^2 sampling uses inverse-CDF ``searchsorted``, so there is no per-step host sync).
 * Empty clusters are re-seeded with the points farthest from their centroid (ties: lowest global
@@ -33,9 +39,11 @@ from tqdm import tqdm
 from ..common.ranks import world_size
 from ..kernels import kmeans_assign, resolve_backend
 
+from .kmeans_torch import assign_blocked, greedy_kmeanspp, index_sums, local_trials, sq_norms
+
 BACKENDS = ("auto", "triton", "torch", "faiss")
 _PIECE_ROWS = 64  # first-level segment length: bounds the serial work of one sum
-_INIT_ROWS_PER_CLUSTER = 16  # k-means++ candidate sample: max(4096, 16 K) rows
+_INIT_ROWS_PER_CLUSTER = 4  # greedy k-means++ sample: max(4096, 4 K) rows
 _INIT_MIN_ROWS = 4096
 
 
@@ -104,24 +112,6 @@ def _segment_sums(rows: torch.Tensor, ids: torch.Tensor, k: int):
     return torch.segment_reduce(partial, "sum", lengths=pieces, axis=0, unsafe=True), counts
 
 
-def _kmeanspp(sample: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """k-means++ on ``sample`` (m, d) fp32 with pre-drawn uniforms ``u`` (k,) float64 -> (k, d).
-
-    Step i picks row j with probability D(j)^2 / sum D^2 as the first j whose cumulative D^2
-    exceeds u[i] * sum D^2. If every candidate already coincides with a centroid the last row is
-    taken (a duplicate centroid, later re-seeded as an empty cluster)."""
-    m = sample.shape[0]
-    picks = torch.empty(len(u), dtype=torch.int64, device=sample.device)
-    picks[:1] = (u[:1] * m).long().clamp_(max=m - 1)
-    mind = (sample - sample.index_select(0, picks[:1])).square().sum(1)
-    for i in range(1, len(u)):
-        cdf = mind.double().cumsum(0)
-        j = torch.searchsorted(cdf, (u[i] * cdf[-1]).reshape(1), right=True).clamp_(max=m - 1)
-        picks[i:i + 1] = j
-        mind = torch.minimum(mind, (sample - sample.index_select(0, j)).square().sum(1))
-    return sample.index_select(0, picks)
-
-
 def _farthest(group: _Group, sq_dist: torch.Tensor, e: int) -> torch.Tensor:
     """Global row indices (e,) of the e largest distances over all ranks; ties -> lowest row."""
     vals, idx = torch.sort(sq_dist, descending=True, stable=True)
@@ -158,27 +148,36 @@ class KMeans:
         spherical: L2-normalise the data and the centroids (centroids come back unit norm).
         seed: seeds the CPU generator behind the k-means++ init (same seed, same centroids).
         backend: "auto" | "triton" | "torch" for the assignment kernel, or "faiss" (training
-            only, single process, needs ``pip install faiss-cpu``).
-        chunk_size: rows per assignment call / update step; None picks ~1 GB (CUDA) or ~256 MB
-            (CPU) of per-chunk temporaries (rows x K fp32 scores on the torch path, rows x d fp32).
+            only, single process, needs ``pip install faiss-cpu``; faiss's own random init).
+        chunk_size: rows per Triton assignment call / CUDA update step; None picks ~1 GB of
+            per-chunk temporaries (rows x d fp32). The torch path blocks by cache size itself.
         verbose: show a tqdm progress bar with the objective (rank 0 only).
+        max_points_per_centroid: faiss only: train on a random subsample of k times this many
+            rows (faiss's own default is 256); None trains on every row.
 
     Attributes after :meth:`train`: ``centroids`` (k, d) float32 on the data's device;
-    ``objective``: mean squared distance at each iteration's assignment step (non-increasing).
+    ``objective``: mean squared distance over the training rows at each iteration's assignment
+    step (non-increasing); ``train_rows``: how many rows that is (all N unless subsampled).
     """
 
     def __init__(self, d: int, k: int, niter: int = 30, spherical: bool = False, seed: int = 0,
-                 backend: str = "auto", chunk_size: int | None = None, verbose: bool = False):
+                 backend: str = "auto", chunk_size: int | None = None, verbose: bool = False,
+                 max_points_per_centroid: int | None = None):
         if d < 1 or k < 1 or niter < 0:
             raise ValueError(f"need d >= 1, k >= 1, niter >= 0; got d={d}, k={k}, niter={niter}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size}")
+        if max_points_per_centroid is not None and (backend != "faiss" or max_points_per_centroid < 1):
+            raise ValueError("max_points_per_centroid (>= 1) subsamples with backend='faiss' only; "
+                             f"got {max_points_per_centroid} with backend={backend!r}")
         self.d, self.k, self.niter, self.spherical, self.seed = d, k, niter, spherical, seed
         self.backend, self.chunk_size, self.verbose = backend, chunk_size, verbose
+        self.max_points_per_centroid = max_points_per_centroid
         self.centroids: torch.Tensor | None = None
         self.objective: list[float] = []
+        self.train_rows = 0
 
     # -- public API -------------------------------------------------------------------------
     def train(self, x: torch.Tensor) -> "KMeans":
@@ -188,12 +187,13 @@ class KMeans:
         self._check_trainable(x, group)
         if self.backend == "faiss":
             return self._train_faiss(x, group)
-        self.centroids = self._init(x, group)
+        self.centroids, self.train_rows = self._init(x, group), group.n_total
+        x_sq = sq_norms(x) if self._torch_path(x) else None  # ||x||^2 once per run
         objective = []
         bar = tqdm(range(self.niter), desc=f"k-means K={self.k}",
                    disable=not self.verbose or group.rank != 0)
         for _ in bar:
-            objective.append(self._lloyd(x, group))
+            objective.append(self._lloyd(x, group, x_sq))
             if self.verbose:
                 bar.set_postfix(objective=f"{objective[-1].item():.5g}")
         self.objective = torch.stack(objective).tolist() if objective else []
@@ -230,15 +230,16 @@ class KMeans:
                              "e.g. x = x[torch.isfinite(x).all(dim=1)]")
 
     def _init(self, x: torch.Tensor, group: _Group) -> torch.Tensor:
-        """k-means++ on a seeded candidate sample drawn over global rows (same on all ranks)."""
+        """Greedy k-means++ on a seeded sample drawn over global rows (same on all ranks)."""
         gen = torch.Generator().manual_seed(self.seed)
         m = min(group.n_total, max(_INIT_MIN_ROWS, _INIT_ROWS_PER_CLUSTER * self.k))
         rows = torch.randperm(group.n_total, generator=gen)[:m].to(x.device)
-        u = torch.rand(self.k, generator=gen, dtype=torch.float64).to(x.device)
-        return _kmeanspp(_gather_rows(group, x, rows), u)
+        u_first = torch.rand(1, generator=gen, dtype=torch.float64).to(x.device)
+        u = torch.rand(self.k - 1, local_trials(self.k), generator=gen, dtype=torch.float64)
+        return greedy_kmeanspp(_gather_rows(group, x, rows), u_first, u.to(x.device))
 
-    def _lloyd(self, x: torch.Tensor, group: _Group) -> torch.Tensor:
-        ids, sq_dist = self._assign_chunks(x)
+    def _lloyd(self, x: torch.Tensor, group: _Group, x_sq: torch.Tensor | None = None) -> torch.Tensor:
+        ids, sq_dist = self._assign_chunks(x, x_sq)
         sums, counts = self._cluster_sums(x, ids, group)
         objective = group.sum_(sq_dist.double().sum().reshape(1))[0] / group.n_total
         self._reseed_empty(x, ids, sq_dist, sums, counts, group)
@@ -248,14 +249,17 @@ class KMeans:
     def _chunk_rows(self, x: torch.Tensor) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        torch_path = resolve_backend(self._assign_backend(), x) == "torch"
-        bytes_per_row = 4 * (self.d + (self.k if torch_path else 0))
-        return max(1, (1 << 30 if x.is_cuda else 1 << 28) // bytes_per_row)
+        return max(1, (1 << 30) // (4 * self.d))
 
     def _assign_backend(self) -> str:
         return "auto" if self.backend == "faiss" else self.backend
 
-    def _assign_chunks(self, x: torch.Tensor):
+    def _torch_path(self, x: torch.Tensor) -> bool:
+        return resolve_backend(self._assign_backend(), x) == "torch"
+
+    def _assign_chunks(self, x: torch.Tensor, x_sq: torch.Tensor | None = None):
+        if self._torch_path(x):
+            return assign_blocked(x, self.centroids, x_sq)
         step, c, backend = self._chunk_rows(x), self.centroids, self._assign_backend()
         if x.shape[0] <= step:
             return kmeans_assign(x, c, backend=backend)
@@ -264,6 +268,9 @@ class KMeans:
 
     def _cluster_sums(self, x: torch.Tensor, ids: torch.Tensor, group: _Group):
         """All-reduced per-cluster sums (k, d) float64 and counts (k,) int64."""
+        if not x.is_cuda:
+            sums, counts = index_sums(x, ids, self.k)
+            return group.sum_(sums), group.sum_(counts)
         sums = torch.zeros(self.k, self.d, dtype=torch.float64, device=x.device)
         counts = torch.zeros(self.k, dtype=torch.int64, device=x.device)
         step = self._chunk_rows(x)
@@ -305,11 +312,15 @@ class KMeans:
         except ImportError as err:
             raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu "
                               "(or use backend='auto')") from err
+        # faiss subsamples to k * max_points_per_centroid rows (its default: 256): every row unless asked.
+        per = self.max_points_per_centroid or -(-x.shape[0] // self.k)
         km = faiss.Kmeans(self.d, self.k, niter=self.niter, spherical=self.spherical, seed=self.seed,
-                          verbose=self.verbose, gpu=x.is_cuda and hasattr(faiss, "StandardGpuResources"))
+                          verbose=self.verbose, gpu=x.is_cuda and hasattr(faiss, "StandardGpuResources"),
+                          max_points_per_centroid=per)
         km.train(x.detach().float().cpu().numpy())
         self.centroids = torch.from_numpy(km.centroids).to(x.device)
-        self.objective = [float(o) / x.shape[0] for o in km.obj]
+        self.train_rows = min(x.shape[0], self.k * per)
+        self.objective = [float(o) / self.train_rows for o in km.obj]  # faiss: sums over its rows
         return self
 
 

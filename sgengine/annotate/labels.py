@@ -10,12 +10,15 @@ from .pixels import pixel_features
 
 
 def self_label(features: torch.Tensor, k: int, niter: int = 30, seed: int = 0,
-               normalize: bool = True, verbose: bool = False) -> tuple[torch.Tensor, KMeans]:
-    """Cluster ids int64 (N,) of (N, d) features with Euclidean k-means on L2-normalised features."""
+               normalize: bool = True, verbose: bool = False, backend: str = "auto",
+               max_points_per_centroid: int | None = None) -> tuple[torch.Tensor, KMeans]:
+    """Cluster ids int64 (N,) of (N, d) features with Euclidean k-means on L2-normalised features;
+    ``backend`` and ``max_points_per_centroid`` (faiss's subsample) go to :class:`KMeans`."""
     if not torch.isfinite(features).all():
         raise ValueError("features contain NaN or Inf; check the extractor or the input images")
     x = F.normalize(features.float(), dim=1) if normalize else features.float()
-    km = KMeans(x.shape[1], k, niter=niter, seed=seed, verbose=verbose).train(x)
+    km = KMeans(x.shape[1], k, niter=niter, seed=seed, verbose=verbose, backend=backend,
+                max_points_per_centroid=max_points_per_centroid).train(x)
     ids, _ = km.assign(x)
     return ids.long().cpu(), km
 
@@ -23,7 +26,9 @@ def self_label(features: torch.Tensor, k: int, niter: int = 30, seed: int = 0,
 def label_annotations(features: torch.Tensor, k: int, settings: dict, **kw) -> Annotations:
     ids, km = self_label(features, k, **kw)
     objective = float(km.objective[-1]) if km.objective else float("nan")
-    return Annotations(ids, k, settings={**settings, "k": k, "kmeans_objective": objective, **kw})
+    # kmeans_train_rows: the rows k-means trained on (all N unless a faiss subsample was asked for).
+    return Annotations(ids, k, settings={**settings, "k": k, "kmeans_objective": objective,
+                                         "kmeans_train_rows": km.train_rows, **kw})
 
 
 def pixel_self_labels(images: torch.Tensor, k: int, pca_dim: int = 0, seed: int = 0, data: str = "") -> Annotations:

@@ -11,13 +11,21 @@ the batch-mean teacher probabilities), the loss of a pair is (TEMI eq. 6 / C-EDM
 
 symmetrised over (x, x') and averaged over the batch; the heads are independent and the one with
 the lowest loss gives the clusters (the argmax of its teacher). The teacher momentum rises from
-0.996 to 1 on a cosine schedule. Optimiser as in the authors' code: AdamW, lr 5e-4 per 256 samples,
-linear warm-up then cosine decay, weight decay 1e-4, last layer frozen for the first epoch.
+m0 to 1 on a cosine schedule over the total number of steps (DINO's per-step schedule). Optimiser as
+in the authors' code: AdamW, linear warm-up then cosine decay, weight decay 1e-4, last layer frozen
+for the first epoch.
+
+Schedules that scale with the run: the paper's m0 = 0.996 and lr = 5e-4 per 256 samples are tuned
+for runs of ~20k steps (``reference_steps``: CIFAR-scale, ~200 steps x 100 epochs); on a run of
+S < 20k steps both are stretched by s = min(20k / S, 25): 1 - m0 = 0.004 s (the teacher's averaging
+horizon 1 / (1 - m0) stays S / 80 steps) and lr = 5e-4 s, so that the teacher and the heads travel
+as far in a short run as in the paper's. Runs of 20k steps or more use the paper's values; explicit
+``momentum`` / ``lr`` override the scaling.
 
 The upper bound (C-EDM section 3.3): utilisation C_u / C (C_u = clusters with at least one image)
-for C doubling from ``c_start`` until it falls below ``threshold``, then a binary search between the
-last good and the first bad C; the bound is the largest C tried whose utilisation stays at or
-above the threshold (monotone utilisation assumed, as with the elbow method).
+for C doubling from ``c_start`` until it falls below ``threshold``, then a grid search over every C
+between the last good and the first bad doubling step, as the paper; the bound is the largest C
+tried whose utilisation stays at or above the threshold (utilisation need not be monotone in C).
 """
 from __future__ import annotations
 
@@ -43,16 +51,27 @@ class TEMIConfig:
     bottleneck: int = 256
     temperature: float = 0.1
     beta: float = 0.6
-    momentum: float = 0.996  # teacher EMA, rising to 1 on a cosine schedule
+    momentum: float | None = None  # teacher EMA start, rising to 1; None: scaled to the run (above)
     prior_momentum: float = 0.9
     knn: int = 50
     batch_size: int = 256
-    lr: float = 5e-4  # per 256 samples (linear scaling)
+    lr: float | None = None  # per 256 samples (linear scaling); None: scaled to the run (above)
     min_lr: float = 1e-6
     weight_decay: float = 1e-4
     warmup_epochs: int = 10  # capped at a tenth of the run
     freeze_last_layer_epochs: int = 1
     seed: int = 0
+    reference_steps: int = 20_000  # the run length the paper's momentum and lr are tuned for
+
+
+PAPER_MOMENTUM, PAPER_LR, MAX_STRETCH = 0.996, 5e-4, 25.0
+
+
+def scaled_schedule(cfg: TEMIConfig, total_steps: int) -> tuple[float, float]:
+    """(teacher momentum start m0, lr per 256 samples) for a run of ``total_steps`` (module doc)."""
+    stretch = min(max(cfg.reference_steps / max(total_steps, 1), 1.0), MAX_STRETCH)
+    momentum = cfg.momentum if cfg.momentum is not None else 1 - (1 - PAPER_MOMENTUM) * stretch
+    return momentum, cfg.lr if cfg.lr is not None else PAPER_LR * stretch
 
 
 def cosine_knn(features: torch.Tensor, k: int = 50, batch_size: int = 1024, progress: bool = False) -> torch.Tensor:
@@ -115,12 +134,13 @@ def temi_loss(s1, s2, t1, t2, prior: torch.Tensor, cfg: TEMIConfig):
 def _schedules(cfg: TEMIConfig, it: int, total: int, per_epoch: int, batch: int) -> tuple[float, float]:
     """(learning rate, teacher momentum) at step ``it``: linear warm-up + cosine, cosine momentum."""
     warm = min(cfg.warmup_epochs, total // per_epoch // 10) * per_epoch
-    base = cfg.lr * batch / 256
+    m0, lr0 = scaled_schedule(cfg, total)
+    base = lr0 * batch / 256
     if it < warm:
         lr = base * (it + 1) / warm
     else:
         lr = cfg.min_lr + (base - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * (it - warm) / max(total - warm, 1)))
-    momentum = 1 - (1 - cfg.momentum) * 0.5 * (1 + math.cos(math.pi * it / total))
+    momentum = 1 - (1 - m0) * 0.5 * (1 + math.cos(math.pi * it / total))
     return lr, momentum
 
 
@@ -145,7 +165,7 @@ class _Trainer:
             torch.manual_seed(cfg.seed)
             self.student = TEMIHeads(x.shape[1], clusters, cfg.heads, cfg.hidden, cfg.bottleneck).to(x.device)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=0.0, weight_decay=cfg.weight_decay)  # set per step
         self.prior = torch.full((cfg.heads, clusters), 1 / clusters, device=x.device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -208,18 +228,21 @@ def temi_cluster(features: torch.Tensor, clusters: int, epochs: int = 100, cfg: 
 
 
 def cluster_count_bound(features: torch.Tensor, threshold: float = 0.9, c_start: int = 2, c_max: int = 4096,
-                        epochs: int = 50, cfg: TEMIConfig = TEMIConfig(), tol: int = 1, device=None,
+                        epochs: int = 50, cfg: TEMIConfig = TEMIConfig(), step: int = 1, device=None,
                         progress: bool = True, log=print) -> tuple[int, list[dict]]:
     """Upper bound on the useful number of clusters (C-EDM section 3.3) and the table it used.
 
     threshold: the utilisation C_u / C that counts as "all clusters used"; 0.9 is our default
-    (tune it per data set). Runs TEMI at c_start, 2 c_start, ... <= c_max, then bisects between the
-    last good and the first bad C until they are ``tol`` apart. Returns (bound, rows sorted by C,
-    each {'C', 'C_u', 'ratio'}) and logs the table. If even c_start is below the threshold the
-    search continues below it (C = 1 is always fully used)."""
-    if not 0 < threshold <= 1 or not 1 <= c_start <= c_max or tol < 1:
-        raise ValueError(f"need 0 < threshold <= 1, 1 <= c_start <= c_max, tol >= 1; got "
-                         f"threshold={threshold}, c_start={c_start}, c_max={c_max}, tol={tol}")
+    (tune it per data set). As the paper: TEMI runs at c_start, 2 c_start, ... <= c_max until the
+    utilisation first falls below the threshold (at C_bad), then a grid search at every ``step``-th
+    C between the last doubling step and C_bad. The bound is the largest C tried whose utilisation
+    is >= threshold. Utilisation is not monotone in C (8 blobs: C = 10, 11, 12 give 0.90, 1.0,
+    0.83), so a bisection could stop at a dip; the grid sees every C of the bracket. If even
+    c_start is below the threshold the grid covers 2 .. c_start - 1 (C = 1 is always fully used).
+    Returns (bound, rows sorted by C, each {'C', 'C_u', 'ratio'}) and logs the table."""
+    if not 0 < threshold <= 1 or not 1 <= c_start <= c_max or step < 1:
+        raise ValueError(f"need 0 < threshold <= 1, 1 <= c_start <= c_max, step >= 1; got "
+                         f"threshold={threshold}, c_start={c_start}, c_max={c_max}, step={step}")
     c_max = min(c_max, len(features))
     knn = cosine_knn(features.to(resolve_device(device, features.device)), cfg.knn)
     table: dict[int, dict] = {}
@@ -229,18 +252,18 @@ def cluster_count_bound(features: torch.Tensor, threshold: float = 0.9, c_start:
         table[c] = {"C": c, "C_u": info["used"], "ratio": info["utilisation"]}
         return info["utilisation"] >= threshold
 
-    lo, hi, c = 1, None, min(c_start, c_max)
-    while hi is None:
-        lo, hi = (c, None) if good(c) else (lo, c)
+    lo, bad, c = 1, None, min(c_start, c_max)
+    while bad is None:
+        lo, bad = (c, None) if good(c) else (lo, c)
         if c >= c_max:
             break
         c = min(2 * c, c_max)
-    while hi is not None and hi - lo > tol:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if good(mid) else (lo, mid)
+    for c in range(lo + step, bad if bad is not None else lo, step):
+        good(c)
+    bound = max([1] + [r["C"] for r in table.values() if r["ratio"] >= threshold])
     rows = [table[k] for k in sorted(table)]
-    log(format_table(rows, threshold, lo))
-    return lo, rows
+    log(format_table(rows, threshold, bound))
+    return bound, rows
 
 
 def format_table(rows: list[dict], threshold: float, bound: int) -> str:
@@ -253,5 +276,8 @@ def temi_annotations(features: torch.Tensor, k: int, settings: dict, epochs: int
                      cfg: TEMIConfig = TEMIConfig(), device=None, progress: bool = True) -> Annotations:
     """Self-labels from TEMI's best head (C-EDM's cluster conditioning, SPEC section 3)."""
     ids, info = temi_cluster(features, k, epochs, cfg, device=device, progress=progress)
-    temi = {"head": info["head"], "final_loss": info["loss"][-1], "epochs": epochs, **dataclasses.asdict(cfg)}
+    steps = epochs * math.ceil(len(features) / min(cfg.batch_size, len(features)))
+    m0, lr = scaled_schedule(cfg, steps)
+    temi = {"head": info["head"], "final_loss": info["loss"][-1], "epochs": epochs, **dataclasses.asdict(cfg),
+            "steps": steps, "momentum_start": m0, "lr_per_256": lr}
     return Annotations(ids, k, settings={**settings, "temi": temi})

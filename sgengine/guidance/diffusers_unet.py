@@ -78,11 +78,31 @@ class _DiffusersKeyMass:
     projections, q/k norms, output projection, residual, rescale) with SDPA replaced.
     """
 
-    def __init__(self, module, layer: str, backend: str):
+    def __init__(self, module, layer: str, backend: str, ancestors=()):
         self.module, self.layer, self.backend = module, layer, backend
         self.original = module.processor
         self.active, self.rows, self.mass, self.grid = True, None, None, None
+        # A self-attention inside a Transformer2DModel sees flattened (B, h*w, C) tokens: the grid
+        # is the spatial size of the nearest enclosing module called with the 4-D map. Every
+        # ancestor runs before the layer on each forward, so each hook's record is current.
+        self._seen: list = [None] * len(ancestors)
+        self._hooks = [m.register_forward_pre_hook(self._recorder(i), with_kwargs=True)
+                       for i, m in enumerate(ancestors)]
         module.set_processor(self)
+
+    def _recorder(self, depth: int):
+        def record(module, args, kwargs) -> None:
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+            self._seen[depth] = tuple(x.shape[-2:]) if torch.is_tensor(x) and x.dim() == 4 else None
+        return record
+
+    def _token_grid(self, n: int) -> tuple[int, int]:
+        grid = next((g for g in reversed(self._seen) if g is not None), None)
+        if grid is None or grid[0] * grid[1] != n:
+            raise ValueError(f"{self.layer!r} has {n} tokens but its enclosing map is "
+                             f"{'unknown' if grid is None else '%dx%d' % grid}: SAG needs a self-attention "
+                             "layer whose block receives the (B, C, h, w) map (list_diffusers_layers(unet))")
+        return grid
 
     def _attend(self, q, k, v):
         out, mass = attend_rows(q, k, v, self.rows, F.scaled_dot_product_attention, self.backend)
@@ -101,6 +121,8 @@ class _DiffusersKeyMass:
         if h.ndim == 4:
             self.grid = tuple(h.shape[-2:])
             h = h.flatten(2).transpose(1, 2)
+        else:
+            self.grid = self._token_grid(h.shape[1])
         if attn.group_norm is not None:
             h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
         q, k, v = _qkv(attn, h)
@@ -112,6 +134,8 @@ class _DiffusersKeyMass:
 
     def close(self) -> None:
         self.module.set_processor(self.original)
+        for hook in self._hooks:
+            hook.remove()
 
     def __enter__(self) -> "_DiffusersKeyMass":
         return self
@@ -139,4 +163,7 @@ def attach_diffusers(unet: nn.Module, layer: str, backend: str = "auto") -> _Dif
     layers = list_diffusers_layers(unet)
     if layer not in layers:
         raise KeyError(f"no self-attention layer named {layer!r}; available layers: {layers}")
-    return _DiffusersKeyMass(dict(unet.named_modules())[layer], layer, backend)
+    modules = dict(unet.named_modules())
+    parts = layer.split(".")
+    ancestors = [modules[".".join(parts[:i])] for i in range(1, len(parts))]  # outermost first
+    return _DiffusersKeyMass(modules[layer], layer, backend, ancestors)

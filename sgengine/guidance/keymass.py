@@ -11,8 +11,11 @@ from ..kernels.attention_key_mass import attention_with_key_mass
 
 def mass_to_grid(mass: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
     """(B, Nk) -> (B, h, w): the last h*w keys are the image tokens (extras come first)."""
-    if grid is None:  # no 4-D input seen: a square grid of every key
+    if grid is None:  # no 4-D input seen: only a square grid of every key is unambiguous
         side = math.isqrt(mass.shape[1])
+        if side * side != mass.shape[1]:
+            raise ValueError(f"attention layer has {mass.shape[1]} keys and no known grid: "
+                             "hook a layer whose block receives the (B, C, h, w) map")
         grid = (side, side)
     h, w = grid
     if h * w > mass.shape[1]:
