@@ -113,8 +113,10 @@ _TUNED = {(ieee, aligned): triton.autotune(_configs(ieee, aligned), key=["K", "D
 
 
 def _aligned(x: torch.Tensor) -> bool:
-    """Whether Triton specialises x's rows as 16-byte aligned (it checks divisibility by 16)."""
-    return x.shape[1] % 16 == 0 and x.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0
+    """Whether Triton specialises x's rows as 16-byte aligned (it checks divisibility by 16).
+    Read from the storage offset (allocations are aligned), so that fake tensors answer too."""
+    offset_bytes = x.storage_offset() * x.element_size()
+    return x.shape[1] % 16 == 0 and x.stride(0) % 16 == 0 and offset_bytes % 16 == 0
 
 
 def launch(x: torch.Tensor, c: torch.Tensor, cnorm: torch.Tensor):

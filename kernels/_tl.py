@@ -3,14 +3,14 @@
 Triton 3.9's interpreter (TRITON_INTERPRET=1, used for CPU tests) multiplies bfloat16 dot
 operands as raw uint16 bits and truncates fp32 -> bf16 casts; compiled GPU code does neither.
 These helpers take a constexpr flag so the GPU path compiles to the plain instruction.
-(kernels/kmeans.py inlines the same upcast: nested jit calls are slow under the interpreter.)
+(kernels/_kmeans_triton.py inlines the same upcast: nested jit calls are slow under the interpreter.)
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+def dot_f32(a, b, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
     """a @ b with fp32 accumulation. INTERP_BF16 (bfloat16 under the interpreter): the Triton
     interpreter multiplies bfloat16 operands as raw uint16 bits, so there they go through fp32
     (exact: bf16 products fit in fp32)."""
@@ -20,7 +20,7 @@ def _dot(a, b, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
-def _cast(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+def round_cast(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     """x.to(dtype), rounding to nearest even. The interpreter's fp32 -> bfloat16 cast truncates
     (the GPU rounds), so there the rounding is done on the bits."""
     if INTERPRETED and dtype == tl.bfloat16:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tl import _cast, _dot
+from ._tl import dot_f32, round_cast
 from ._backend import check_same_device, interpreter_on, resolve_backend
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,7 +62,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse,
         col_ok = offs_n < Nk
         kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(q, kT, PRECISION, INTERP_BF16) * qk_scale
+        s = dot_f32(q, kT, PRECISION, INTERP_BF16) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -70,11 +70,11 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
+        acc = acc * alpha[:, None] + dot_f32(round_cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-             _cast(acc, Out.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & d_ok[None, :])
+             round_cast(acc, Out.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & d_ok[None, :])
     # lse in natural-log units: m_i and log2(l_i) are base 2.
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(Lse + (b * H + h) * Nq + offs_m, lse, mask=row_ok)
@@ -106,7 +106,7 @@ def _key_mass_kernel(Q, K, Lse, Mass,
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             # Padded rows get lse = +inf, hence p = 0; padded columns are never stored.
             lse2 = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=row_ok, other=float("inf"))
-            s = _dot(q, kT, PRECISION, INTERP_BF16) * qk_scale
+            s = dot_f32(q, kT, PRECISION, INTERP_BF16) * qk_scale
             p = tl.exp2(s - lse2[:, None] * 1.4426950408889634)
             colsum += tl.sum(p, 0)
     tl.store(Mass + b * Nk + offs_n, colsum * inv_heads, mask=col_ok)

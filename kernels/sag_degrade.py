@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._backend import check_same_device, interpreter_on, resolve_backend
-from ._tl import _cast
+from ._tl import round_cast
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -95,7 +95,7 @@ def _sag_degrade_kernel(X0, Eps, Mass, A, Bcoef, Out,
     x0_bar = tl.where(on, blurred, x0_hat)
     x_deg = tl.load(A + b) * x0_bar + tl.load(Bcoef + b) * eps
     tl.store(Out + b * sob + c * soc + oy[:, None] * soy + ox[None, :] * sox,
-             _cast(x_deg, Out.dtype.element_ty, INTERPRETED), mask=ok)
+             round_cast(x_deg, Out.dtype.element_ty, INTERPRETED), mask=ok)
 
 
 def _mass_map(mass: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
