@@ -46,6 +46,7 @@ import roofline  # noqa: E402
 from sgengine.training.checkpoint import atomic_write  # noqa: E402
 
 DATA_NAME = "tiny-imagenet-dev-32.tar.gz"
+LOG_CHARS = 1_000_000  # of each command's output in runbook.log
 DATA_PLACES = (ROOT / ".data" / DATA_NAME, ROOT.parent / "shared" / "data" / DATA_NAME)
 # pytest-benchmark timing: about half a second a row on a GPU; one round in smoke mode.
 TIMING = {False: ["--benchmark-only", "--benchmark-max-time=0.5", "--benchmark-min-rounds=5"],
@@ -73,12 +74,22 @@ class Run:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
         try:
             output, code = proc.communicate(timeout=max(timeout, 1))[0], proc.returncode
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as err:
             os.killpg(proc.pid, signal.SIGKILL)  # pytest, inductor's compile workers, torchrun children
-            output, code = proc.communicate()[0], None
-        with open(self.out / "runbook.log", "a") as fh:
-            fh.write(f"\n$ {' '.join(args)}\n{output}\n[exit {code if code is not None else 'killed at time limit'}]\n")
+            output, code = _drain(proc, err), None
+        with open(self.out / "runbook.log", "a") as fh:  # the tail: progress bars can run to megabytes
+            fh.write(f"\n$ {' '.join(args)}\n{output[-LOG_CHARS:]}\n"
+                     f"[exit {code if code is not None else 'killed at time limit'}]\n")
         return code, output
+
+
+def _drain(proc: subprocess.Popen, err: subprocess.TimeoutExpired) -> str:
+    """What a killed process printed; a descendant that left the group may hold the pipe open."""
+    try:
+        return proc.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        proc.stdout.close()
+        return err.output if isinstance(err.output, str) else ""
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,12 @@ def read_stream(path: Path) -> tuple[list[dict], list[dict]]:
     """(rows, test outcomes) streamed by benchmarks/conftest.py."""
     if not path.exists():
         return [], []
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:  # the line being written when the step was killed
+            continue
     return [e for e in entries if e["kind"] == "row"], [e for e in entries if e["kind"] == "outcome"]
 
 
@@ -108,7 +124,8 @@ def pytest_step(files: list[str], k_gpu: str | None, timed: bool, k_all: str | N
         k = " and ".join(f"({e})" for e in (k_all, None if r.smoke else k_gpu) if e)
         args = [sys.executable, "-m", "pytest", *(f"benchmarks/{f}" for f in files), "-q", "-p", "no:cacheprovider",
                 *(["-k", k] if k else []), *(TIMING[r.smoke] if timed else ["--benchmark-disable"])]
-        code, output = r.call(args, timeout, {"SG_BENCH_STREAM": str(stream), **({"SG_BENCH_SMOKE": "1"} if r.smoke else {})})
+        env = {"SG_BENCH_STREAM": str(stream), **({"SG_BENCH_SMOKE": "1"} if r.smoke else {})}
+        code, output = r.call(args, timeout, env)
         rows, outcomes = read_stream(stream)
         status = "timeout" if code is None else "ok" if code == 0 else "empty" if code == 5 else "failed"
         return {"status": status, "returncode": code, "rows": rows, "outcomes": outcomes, "log_tail": output[-3000:]}
@@ -210,7 +227,7 @@ FAMILIES = [
     ("k-means", "Lloyd iteration N=1M d=768 K=10k vs chunked fp32 / tf32 PyTorch", "bench_kmeans.py",
      "test_lloyd_iteration", "N1000000", 60),
     ("Sinkhorn", "Sinkhorn 512x5000 / 1024x10000 / 4096x10000 vs SwAV, eager and compiled", "bench_sinkhorn.py",
-     "test_sinkhorn", None, 90),
+     "test_sinkhorn", "not sgengine-torch", 90),
     ("SAG degrade", "fused degrade vs the PyTorch chain (eager, compiled), B=256 32x32", "bench_sag.py",
      "test_sag_degrade", "32x32", 60),
 ]
@@ -253,7 +270,7 @@ def _command(args: list[str]) -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-def environment(smoke: bool) -> dict:
+def environment(smoke: bool, commit: str | None = None) -> dict:
     """GPU, driver, versions and the date, recorded before anything runs."""
     import torch
     import triton
@@ -267,7 +284,7 @@ def environment(smoke: bool) -> dict:
             "memory_gb": round(props.total_memory / 2**30, 1) if props else None,
             "driver": _command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
             "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
-            "python": sys.version.split()[0], "commit": _command(["git", "rev-parse", "--short", "HEAD"]),
+            "python": sys.version.split()[0], "commit": commit or _command(["git", "rev-parse", "--short", "HEAD"]),
             "roofline_gpu": gpu.name if gpu else None}
 
 
@@ -359,6 +376,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help=f"{DATA_NAME} or its unpacked folder (default: .data/ or ../shared/data)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes even on a GPU (always so without one)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--commit", default=None, help="the commit measured, where the tree has no .git (a GPU machine)")
     args = p.parse_args(argv)
     import torch
     smoke = args.smoke or not torch.cuda.is_available()
@@ -367,7 +385,7 @@ def main(argv=None) -> int:
     (out / "runbook.log").write_text("")
     with tempfile.TemporaryDirectory(prefix="sg-runbook-", dir=args.work) as work:
         r = Run(out, Path(work), smoke, time.monotonic() + args.budget, args.data)
-        r.env = environment(smoke)
+        r.env = environment(smoke, args.commit)
         write(r)
         run_steps(r, steps(smoke))
     print((out / "runbook.md").read_text())

@@ -32,8 +32,9 @@ def _python(code: str) -> list[str]:
 def test_a_step_past_its_box_is_killed_and_keeps_its_streamed_rows(tmp_path):
     r = _run(tmp_path)
     stream = tmp_path / "s.jsonl"
-    # a child that streams one row, then hangs in a grandchild of its own process group
-    code = (f"import json, subprocess, sys; open({str(stream)!r}, 'a').write(json.dumps({{'kind': 'row', 'x': 1}}) + '\\n');"
+    # a child that streams one row and a half, then hangs in a grandchild of its own process group
+    code = (f"import json, subprocess, sys; open({str(stream)!r}, 'a').write(json.dumps({{'kind': 'row', 'x': 1}}) + "
+            "'\\n' + '{\"kind\": \"ro');"  # and half of the next line, cut by the kill
             "subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])")
     t0 = time.monotonic()
     exit_code, _ = r.call(_python(code), timeout=3)
