@@ -307,7 +307,7 @@ def markdown(r: Run) -> str:
              f"{env['triton']}, Python {env['python']}, commit {env['commit']}; roofline peaks: "
              f"{env['roofline_gpu'] or 'none (not one of the four GPUs in roofline.py)'}.", "",
              "| step | what | status | wall s | CPU s | tests |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {s['name']} | {s['what']} | {s['status']} {s.get('reason', '')} | {s['seconds']:.0f} | "
+    lines += [f"| {s['name']} | {s['what']} | {(s['status'] + ' ' + s.get('reason', '')).strip()} | {s['seconds']:.0f} | "
               f"{s['cpu_s']:.0f} | {_counts(s.get('outcomes', []))} |" for s in r.steps]
     failures = [o for s in r.steps for o in s.get("outcomes", []) if o["outcome"] == "failed"]
     lines += ["", "Failures:", ""] + [f"- `{o['nodeid']}`: {o['message']}" for o in failures] if failures else []
