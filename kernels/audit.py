@@ -74,12 +74,14 @@ def _kmeans(N, d, K):
 
 
 CASES = (
-    # SPEC section 5 sizes, SAG at batches <= 4, then unaligned stand-ins (odd d, N, strides).
+    # SPEC section 5 sizes, SAG at batches <= 4 (head dims 64, 128 and Stable Diffusion's 160, all
+    # three BLOCK_D tables), then unaligned stand-ins (odd d, N, strides).
     Case("attention_with_key_mass", "B=16 H=8 N=1024 D=64", _attention(16, 8, 1024, 64), 16),
     Case("attention_with_key_mass", "B=16 H=8 N=4096 D=64", _attention(16, 8, 4096, 64), 16),
     Case("attention_with_key_mass", "B=4 H=8 N=16384 D=64", _attention(4, 8, 16384, 64), 4),
     Case("attention_with_key_mass", "B=2 H=8 N=1024 D=64", _attention(2, 8, 1024, 64), 2),
     Case("attention_with_key_mass", "B=2 H=8 N=256 D=128", _attention(2, 8, 256, 128), 2),
+    Case("attention_with_key_mass", "B=2 H=8 N=256 D=160", _attention(2, 8, 256, 160), 2),
     Case("attention_with_key_mass", "B=1 H=5 N=77 D=40", _attention(1, 5, 77, 40)),
     Case("sag_degrade", "B=256 C=3 32x32 k9", _sag(256, 3, 32, 8, 9, 1.0), 256),
     Case("sag_degrade", "B=256 C=3 64x64 k9", _sag(256, 3, 64, 16, 9, 1.0), 256),
@@ -152,7 +154,11 @@ def compile_all(groups, workers: int) -> list[dict]:
     try:
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            figures = list(pool.map(_compile_job, range(len(groups))))
+            figures = []
+            for figures_one in pool.map(_compile_job, range(len(groups))):
+                figures.append(figures_one)
+                if len(figures) % 50 == 0:
+                    print(f"audit: {len(figures)}/{len(groups)} compiled", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return [_row(group, fig) for group, fig in zip(groups, figures)]
