@@ -27,10 +27,10 @@ import json
 import multiprocessing
 import os
 import pkgutil
-import shutil
 import sys
 import tempfile
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 
@@ -149,18 +149,15 @@ def _compile_job(index: int) -> dict:
 def compile_all(groups, workers: int) -> list[dict]:
     """Compile every group in ``workers`` forked processes, with a fresh, discarded cache."""
     _JOBS[:] = groups
-    cache = tempfile.mkdtemp(prefix="sgengine-audit-")
-    os.environ.update(TRITON_CACHE_DIR=cache, TRITON_ALWAYS_COMPILE="1")
-    try:
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="sgengine-audit-") as cache, \
+            mock.patch.dict(os.environ, TRITON_CACHE_DIR=cache, TRITON_ALWAYS_COMPILE="1"):
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            figures = []
-            for figures_one in pool.map(_compile_job, range(len(groups))):
-                figures.append(figures_one)
+            for one in pool.map(_compile_job, range(len(groups))):
+                figures.append(one)
                 if len(figures) % 50 == 0:
                     print(f"audit: {len(figures)}/{len(groups)} compiled", file=sys.stderr, flush=True)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
     return [_row(group, fig) for group, fig in zip(groups, figures)]
 
 
