@@ -111,12 +111,26 @@ def _sag_degrade_kernel(X0, Eps, Mass, A, Bcoef, Out,
              round_cast(x_deg, Out.dtype.element_ty, INTERPRETED), mask=ok)
 
 
-def _tile_extent(n: int, r: int) -> int:
+# Programs a launch aims for: two waves of an H100's 132 SMs (A100 108, A5000 64).
+_MIN_PROGRAMS = 264
+
+
+def _tile_extent(n: int, r: int, sides: tuple) -> int:
     """Power-of-two tile side E (E - 2r outputs) that minimises tiles * E^3, the blur GEMM work;
     on a tie the larger tile, whose halo is a smaller share of its loads."""
-    sides = (16, 32, 64) if interpreter_on() else (32, 64)  # >= 32: tensor-core friendly on GPU
     fits = [e for e in sides if e > 2 * r]
     return min(fits, key=lambda e: (triton.cdiv(n, e - 2 * r) * e ** 3, -e))
+
+
+def _extents(planes: int, H: int, W: int, r: int) -> tuple:
+    """(EXT_H, EXT_W): sides of 32 or 64 on a GPU (tensor-core friendly), and 16 as well when
+    that grid would be under _MIN_PROGRAMS (small batches: B=2 C=4 64x64 gives 72 programs at
+    32, 512 at 16) or under the interpreter (small test images still get several tiles)."""
+    ext = _tile_extent(H, r, (32, 64)), _tile_extent(W, r, (32, 64))
+    programs = planes * triton.cdiv(H, ext[0] - 2 * r) * triton.cdiv(W, ext[1] - 2 * r)
+    if interpreter_on() or (programs < _MIN_PROGRAMS and 16 > 2 * r):
+        ext = _tile_extent(H, r, (16, 32, 64)), _tile_extent(W, r, (16, 32, 64))
+    return ext
 
 
 def launch(x_t, x0, eps, mass, a, b, threshold: float, kernel_size: int, sigma: float):
@@ -125,7 +139,7 @@ def launch(x_t, x0, eps, mass, a, b, threshold: float, kernel_size: int, sigma: 
     B, C, H, W = x_t.shape
     r = kernel_size // 2
     out = torch.empty((B, C, H, W), device=x_t.device, dtype=x_t.dtype)
-    ext_h, ext_w = _tile_extent(H, r), _tile_extent(W, r)
+    ext_h, ext_w = _extents(B * C, H, W, r)
     g_sum = sum(math.exp(-(t - r) ** 2 / (2.0 * sigma * sigma)) for t in range(kernel_size))
     grid = (B * C, triton.cdiv(H, ext_h - 2 * r), triton.cdiv(W, ext_w - 2 * r))
     _sag_degrade_kernel[grid](
@@ -134,7 +148,9 @@ def launch(x_t, x0, eps, mass, a, b, threshold: float, kernel_size: int, sigma: 
         *out.stride(), EXT_H=ext_h, EXT_W=ext_w, BLOCK_R=16,
         # fp32-accurate blur on tensor cores (3 TF32 products); plain TF32 would cost ~1e-3.
         PRECISION="tf32x3", INTERPRETED=interpreter_on(),
-        num_warps=8,
+        num_warps=4 if ext_h * ext_w <= 512 else 8, num_stages=2,
+        # Without .maxnreg ptxas held these kernels at 128 registers and spilled (fp32, sm_86/89).
+        maxnreg=255,
         # a * x0_bar + b * eps rounded as PyTorch rounds it (no FMA), so that an all-off mask
         # reproduces x_t = a * x0 + b * eps bit for bit.
         enable_fp_fusion=False)
