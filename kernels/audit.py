@@ -262,19 +262,18 @@ def summary_table(rows, targets) -> list[str]:
 
 
 def occupancy_table(occ) -> list[str]:
-    """Markdown: programs per launch at each benchmark size; '< 1 wave' on GPUs it cannot fill."""
-    lines = ["| op | size | kernel | dtype | programs | " + " | ".join(f"{g} ({n} SMs)" for g, n in SMS.items()) + " |",
-             "|" + " --- |" * (5 + len(SMS))]
-    seen = set()
+    """Markdown: programs per launch at each benchmark size (dtypes with equal grids share a
+    line); waves of the smallest grid, '< 1 wave' on GPUs it cannot fill."""
+    lines = ["| op | size | kernel | dtypes | programs | " + " | ".join(f"{g} ({n} SMs)" for g, n in SMS.items())
+             + " |", "|" + " --- |" * (5 + len(SMS))]
+    dtypes: dict[tuple, list] = {}
     for o in occ:
-        key = (o["op"], o["shape"], o["kernel"], o["dtype"], o["programs_min"], o["programs_max"])
-        if key in seen:
-            continue
-        seen.add(key)
-        p = f"{o['programs_min']}" + (f"-{o['programs_max']}" if o["programs_max"] != o["programs_min"] else "")
-        waves = [f"{o['programs_min'] / n:.2f}" + (" < 1 wave" if g in o["under_one_wave"] else "")
-                 for g, n in SMS.items()]
-        lines.append(f"| {o['op']} | {o['shape']} | {o['kernel']} | {o['dtype']} | {p} | " + " | ".join(waves) + " |")
+        key = (o["op"], o["shape"], o["kernel"], o["programs_min"], o["programs_max"])
+        dtypes.setdefault(key, []).append(o["dtype"])
+    for (op, shape, kernel, lo, hi), names in dtypes.items():
+        waves = [f"{lo / n:.2f}" + (" < 1 wave" if lo < n else "") for n in SMS.values()]
+        lines.append(f"| {op} | {shape} | {kernel} | {', '.join(names)} | {lo}" + (f"-{hi}" if hi != lo else "")
+                     + " | " + " | ".join(waves) + " |")
     return lines
 
 
