@@ -7,7 +7,7 @@ only when it runs).
   p = exp(q k^T * scale - lse) over its chunk of queries and sums it over them in registers; it
   writes that partial column sum to a (splits, B, Nk) fp32 buffer, which one fixed-order sum over
   the splits reduces to the mass. Splitting over heads and query chunks fills the GPU at small
-  batches (B=2, N=1024, 8 heads: 384 programs, was 16 with one program per (key block, batch)
+  batches (B=2, N=1024, 8 heads: 512 programs, was 16 with one program per (key block, batch)
   looping over every head); no atomics, so the mass stays deterministic.
 
 Configs are per head dim (BLOCK_D) and per precision: each list holds only tiles that compile
@@ -25,7 +25,8 @@ from ._tl import dot_f32, round_cast
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the fast hardware path
 # Programs the key-mass pass aims for: two waves of an H100's 132 SMs (A100 108, A5000 64).
 _MIN_PROGRAMS = 264
-_MAX_BLOCK = 128  # the largest BLOCK_M / BLOCK_N of any config below
+_CHUNK = 64  # query chunks of the key-mass pass are multiples of this (every BLOCK_M divides it)
+_MASS_BLOCK_N = 64  # the largest BLOCK_N of the key-mass configs
 
 
 @triton.jit
@@ -125,17 +126,23 @@ _FWD = {
     (False, 128): [(16, 32, 8, 1)],
     (False, 256): [(16, 32, 8, 1)],
 }
+# Key mass: BLOCK_M <= _CHUNK (query chunks are multiples of it) and BLOCK_N <= _MASS_BLOCK_N
+# (the launcher sizes the splits for that many keys a program).
 _MASS = {
-    (True, 64): [(64, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-    (True, 128): [(64, 128, 8, 3), (64, 64, 4, 3)],
+    (True, 64): [(64, 64, 4, 3)],
+    (True, 128): [(64, 64, 4, 3)],
     (True, 256): [(64, 64, 8, 2)],
-    (False, 64): [(32, 32, 4, 2)],
-    (False, 128): [(32, 32, 4, 2)],
-    (False, 256): [(32, 32, 4, 2)],
+    (False, 64): [(16, 32, 4, 1)],  # 32 x 32 spilled 556 B at D=128 on sm_86/89
+    (False, 128): [(16, 32, 4, 1)],
+    (False, 256): [(16, 32, 4, 1)],
 }
 _FWD_KEY = ["Nq", "Nk", "BLOCK_D", "PRECISION"]
 _MASS_KEY = ["H", "Nq", "Nk", "BLOCK_D", "PRECISION"]
-_FWD_TUNED = {k: triton.autotune(_configs(v), key=_FWD_KEY)(_attn_fwd_kernel) for k, v in _FWD.items()}
+# Forward autotuners per (table, small grid?): on a small grid only tiles of <= 64 query rows,
+# so that B * H * cdiv(Nq, BLOCK_M) is as large as the forward's decomposition allows.
+_FWD_TUNED = {(k, small): triton.autotune(_configs([c for c in v if not small or c[0] <= 64]),
+                                          key=_FWD_KEY)(_attn_fwd_kernel)
+              for k, v in _FWD.items() for small in (False, True)}
 _MASS_TUNED = {k: triton.autotune(_configs(v), key=_MASS_KEY)(_key_mass_kernel)
                for k, v in _MASS.items()}
 # Under the interpreter: small blocks so that small test shapes still loop over several blocks.
@@ -143,11 +150,11 @@ _INTERPRETED = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 
 
 def _query_chunk(B: int, H: int, Nq: int, Nk: int) -> int:
-    """Queries per split of the key-mass pass (a multiple of every BLOCK_M): enough splits that
-    (key blocks) x B x (splits) reaches _MIN_PROGRAMS even at the largest BLOCK_N."""
-    want = triton.cdiv(_MIN_PROGRAMS, B * H * triton.cdiv(Nk, _MAX_BLOCK))
-    chunks = max(1, min(triton.cdiv(Nq, _MAX_BLOCK), want))
-    return triton.cdiv(triton.cdiv(Nq, chunks), _MAX_BLOCK) * _MAX_BLOCK
+    """Queries per split of the key-mass pass (a multiple of _CHUNK): enough splits that
+    (key blocks) x B x (splits) reaches _MIN_PROGRAMS, or one chunk per _CHUNK queries."""
+    want = triton.cdiv(_MIN_PROGRAMS, B * H * triton.cdiv(Nk, _MASS_BLOCK_N))
+    chunks = max(1, min(triton.cdiv(Nq, _CHUNK), want))
+    return triton.cdiv(triton.cdiv(Nq, chunks), _CHUNK) * _CHUNK
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -166,7 +173,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     opts = dict(BLOCK_D=block_d, PRECISION="tf32" if low else "ieee",
                 INTERP_BF16=interpreter_on() and q.dtype == torch.bfloat16)
     table = (low, max(64, block_d))
-    fwd, key_mass = _FWD_TUNED[table], _MASS_TUNED[table]
+    small = B * H * triton.cdiv(Nq, 128) < _MIN_PROGRAMS
+    fwd, key_mass = _FWD_TUNED[table, small], _MASS_TUNED[table]
     if interpreter_on():
         fwd, key_mass = _attn_fwd_kernel, _key_mass_kernel
         opts.update(_INTERPRETED)
