@@ -40,7 +40,9 @@ def config_text(launch, options, constexprs) -> str:
     params = launch.kernel.params
     parts = [f"{params[path[0]].name}={value}" for path, value in sorted(constexprs.items())
              if len(path) == 1 and params[path[0]].is_constexpr]
-    return " ".join(parts + [f"w{options.num_warps}", f"s{options.num_stages}"])
+    maxnreg = getattr(options, "maxnreg", None)
+    return " ".join(parts + [f"w{options.num_warps}", f"s{options.num_stages}"]
+                    + ([f"maxnreg={maxnreg}"] if maxnreg else []))
 
 
 def compile_key(launch, cc: int) -> str:
