@@ -1,7 +1,7 @@
 """Compile audit of every Triton kernel, for GPUs this machine does not have.
 
     python -m sgengine.kernels.audit [--targets 80,86,89,90] [--kernels kmeans] [--json FILE]
-                                     [--markdown] [--rows] [--workers 2]
+                                     [--markdown] [--rows] [--workers 2] [--render JSON]
 
 Each public entry point runs on stand-in inputs (fake CUDA tensors: no GPU, no driver) at the
 benchmark sizes of ../shared/SPEC.md section 5, SAG at sampling batches <= 4, and odd sizes
@@ -306,7 +306,7 @@ def _check_compiled_kernels() -> None:
                          "(e.g. env -u TRITON_INTERPRET python -m sgengine.kernels.audit)")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sgengine.kernels.audit", description=__doc__.split("\n")[0])
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)),
                         help="compute capabilities, e.g. 80,86,89,90")
@@ -315,11 +315,26 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print only the README tables")
     parser.add_argument("--rows", action="store_true", help="also print every (kernel, config) row")
     parser.add_argument("--workers", type=int, default=2, help="parallel compiles")
+    parser.add_argument("--render", metavar="JSON", help="print the tables of an earlier --json run")
+    return parser
+
+
+def _targets(parser, text: str) -> tuple[int, ...]:
+    targets = tuple(int(t) for t in text.split(",") if t.strip().isdigit())
+    if not targets or set(targets) - set(SHARED_LIMIT) or len(targets) != len(text.split(",")):
+        parser.error(f"--targets {text!r}: give compute capabilities from {sorted(SHARED_LIMIT)}, e.g. 80,90")
+    return targets
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    targets = tuple(int(t) for t in args.targets.split(","))
-    unknown = set(targets) - set(SHARED_LIMIT)
-    if unknown:
-        parser.error(f"unknown targets {sorted(unknown)}: choose from {sorted(SHARED_LIMIT)}")
+    if args.render:
+        with open(args.render) as f:
+            doc = json.load(f)
+        _print(doc, tuple(int(t.removeprefix("sm_")) for t in doc["targets"]), args)
+        return 0
+    targets = _targets(parser, args.targets)
     _check_compiled_kernels()
     doc = audit(targets, args.kernels, args.workers)
     _print(doc, targets, args)
