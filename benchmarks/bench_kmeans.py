@@ -22,12 +22,16 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, ON_GPU, peak_memory, record, sizes, timed
+import roofline
+from conftest import DEVICE, ON_GPU, peak_memory, per_second, record, seconds, sizes, timed
 
 from sgengine.annotate.kmeans import KMeans
 from sgengine.kernels.kmeans import kmeans_assign
 
 PROVIDERS = ["sgengine-bf16", "torch-fp32", "torch-tf32", "faiss"]
+# The unit each provider's distance GEMM runs on (faiss: cuBLAS sgemm, exact fp32).
+UNITS = {"sgengine-bf16": roofline.MATMUL_UNITS[2], "torch-fp32": (("fp32", 1),), "torch-tf32": (("tf32", 1),),
+         "faiss": (("fp32", 1),)}
 SHAPES = sizes([(1_000_000, 768, 10_000), (100_000, 384, 1_000)], (2_000, 48, 37))
 AGREEMENT_ROWS = 65_536  # agreement with exact fp32 is measured on the first rows
 
@@ -119,10 +123,11 @@ def test_lloyd_iteration(benchmark, provider, shape):
     fn()  # warm-up: Triton autotuning and compilation stay out of the timing
     peak_gb = peak_memory(fn)
     benchmark.pedantic(fn, rounds=5 if ON_GPU else 2, warmup_rounds=1)
-    seconds = benchmark.stats.stats.mean
     # Distance GEMM of the assignment: 2 * N * K * d flops (the update is O(N * d), excluded).
-    record(benchmark, provider=provider, N=n, d=d, K=k, dtype=str(dtype), ms=seconds * 1e3,
-           tflop_per_s=2 * n * k * d / seconds / 1e12, agreement_with_fp32=agreement,
+    mean = seconds(benchmark)
+    work = roofline.lloyd(n, d, k, dtype.itemsize, UNITS[provider])
+    record(benchmark, work, provider=provider, N=n, d=d, K=k, dtype=str(dtype), ms=mean and mean * 1e3,
+           tflop_per_s=per_second(2 * n * k * d, benchmark, 1e12), agreement_with_fp32=agreement,
            peak_gb=peak_gb)
     if provider == "sgengine-bf16":  # the accuracy target, checked at the benchmark's size
         assert agreement >= 0.995, f"bf16 assignment agrees with exact fp32 on {agreement:.2%} < 99.5% of rows"

@@ -21,7 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, ON_GPU, check_budget, peak_memory, record, sizes, timed
+import roofline
+from conftest import DEVICE, ON_GPU, check_budget, peak_memory, per_second, record, sizes, timed
 
 from sgengine.kernels._budget import rounding_floor
 from sgengine.kernels.attention_key_mass import attention_with_key_mass, attention_with_key_mass_ref
@@ -58,14 +59,13 @@ def test_attention_key_mass(benchmark, provider, shape):
         _check_attention(benchmark, q[:1], k[:1], v[:1])
     peak_gb = peak_memory(fn, q, k, v)
     benchmark(fn, q, k, v)
-    seconds = benchmark.stats.stats.mean
     # Forward: QK^T and PV, 2 * N * N * D multiply-adds each per (batch, head): 4*B*H*N^2*D.
     # Mass pass (sgengine only): QK^T recomputed, 2*B*H*N^2*D, counted separately.
-    fwd_flop = 4 * B * HEADS * N * N * HEAD_DIM
+    work = roofline.attention(B, HEADS, N, HEAD_DIM, q.element_size(), mass=provider != "sdpa")
     mass_flop = 2 * B * HEADS * N * N * HEAD_DIM if provider == "sgengine" else 0
-    record(benchmark, provider=provider, B=B, H=HEADS, N=N, D=HEAD_DIM, dtype=str(dtype),
-           peak_memory_gb=peak_gb, forward_tflop_per_s=fwd_flop / seconds / 1e12,
-           total_tflop_per_s=(fwd_flop + mass_flop) / seconds / 1e12)
+    record(benchmark, work, provider=provider, B=B, H=HEADS, N=N, D=HEAD_DIM, dtype=str(dtype),
+           peak_memory_gb=peak_gb, forward_tflop_per_s=per_second(work.flops, benchmark, 1e12),
+           total_tflop_per_s=per_second(work.flops + mass_flop, benchmark, 1e12))
 
 
 def _check_attention(benchmark, q, k, v) -> None:
@@ -127,8 +127,7 @@ def test_sag_degrade(benchmark, provider, shape, dtype):
     benchmark(fn, *args)
     # Bytes the op must move, the same for every provider: read x0 and eps, the float32 mass
     # map and a, b; write x_deg once (x_t is not read).
-    nbytes = B * C * H * W * 3 * x0.element_size() + mass.numel() * 4 + 2 * B * 4
-    record(benchmark, provider=provider, B=B, C=C, H=H, W=W, attention_grid=side,
+    work = roofline.sag_degrade(B, C, H, W, side, kernel_size, x0.element_size())
+    record(benchmark, work, provider=provider, B=B, C=C, H=H, W=W, attention_grid=side,
            kernel_size=kernel_size, sigma=sigma, dtype=str(dtype),
-           masked_fraction=(mass > 1.0).float().mean().item(),
-           gb_per_s=nbytes / benchmark.stats.stats.mean / 1e9)
+           masked_fraction=(mass > 1.0).float().mean().item(), gb_per_s=per_second(work.bytes, benchmark, 1e9))

@@ -22,6 +22,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+import roofline
 from conftest import DEVICE, ON_GPU, record, sync
 
 from sgengine.config import preset
@@ -38,9 +39,12 @@ def _autocast():
     return torch.autocast("cuda", torch.bfloat16) if ON_GPU else contextlib.nullcontext()
 
 
-def _setup(attention_ds):
+def _model_config(attention_ds):
     cfg = UNET_PRESETS[BASE]
-    cfg = dataclasses.replace(cfg, num_classes=CLASSES, attention_ds=attention_ds or cfg.attention_ds)
+    return dataclasses.replace(cfg, num_classes=CLASSES, attention_ds=attention_ds or cfg.attention_ds)
+
+
+def _setup(cfg):
     torch.manual_seed(0)
     net = UNet(cfg).to(DEVICE).eval()
     x = torch.randn(BATCH, cfg.in_channels, cfg.img_size, cfg.img_size, device=DEVICE)
@@ -80,7 +84,8 @@ def _median_ms(run, n: int) -> float:
 @pytest.mark.parametrize("provider", ["cfg", "sag"])
 def test_sag_cfg_step(benchmark, provider, case):
     name, attention_ds, which = case
-    net, x, t, y = _setup(attention_ds)
+    model_cfg = _model_config(attention_ds)
+    net, x, t, y = _setup(model_cfg)
     layer = "mid.1.attn" if which == "mid" else _highest_res_layer(net, x, t, y)
     param = parameterization_for("ddpm", preset("digits"))
     cfg_step = _step(CFG(net, 2.0, y=y), x, t)
@@ -93,6 +98,8 @@ def test_sag_cfg_step(benchmark, provider, case):
         cfg_ms, sag_ms = _median_ms(cfg_step, n), _median_ms(sag_step, n)
         benchmark(run)
         grid = tuple(sag.capture.mass.shape[-2:])
-    record(benchmark, provider=provider, model=name, layer=layer, attention_grid=grid, batch=BATCH,
+    fwd_flops, params = roofline.unet_flops(model_cfg, CLASSES)
+    work = roofline.sample_step(fwd_flops, BATCH, params, provider)  # the degrade is negligible beside it
+    record(benchmark, work, provider=provider, model=name, layer=layer, attention_grid=grid, batch=BATCH,
            dtype="bfloat16 autocast" if ON_GPU else "float32", cfg_ms=cfg_ms, sag_ms=sag_ms,
            sag_over_cfg=sag_ms / cfg_ms, target_ratio=1.55)

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from conftest import ON_GPU, record, sizes, sync, timed
+import roofline
+from conftest import ON_GPU, per_second, record, sizes, sync, timed
 
 from sgengine.config import preset
 from sgengine.training.bench import SYNTHETIC_K, detect_peak, flops_per_image, synthetic_config
@@ -37,11 +38,15 @@ def _cfg(name: str, batch: int, **kw):
     return dataclasses.replace(preset(name), batch_size=batch, device="auto", **kw)
 
 
-def _record(benchmark, batch: int, flops: float, provider: str, **info) -> None:
-    img_s = batch / benchmark.stats.stats.mean
+def _record(benchmark, batch: int, flops: float, params: int, provider: str, **info) -> None:
+    img_s = per_second(batch, benchmark)
     peak = detect_peak(torch.device("cuda")) if ON_GPU else None
-    record(benchmark, provider=provider, batch=batch, img_per_s=img_s, flops_per_img=flops,
-           mfu=flops * img_s / peak if peak else None, **info)
+    record(benchmark, roofline.train_step(flops, batch, params), provider=provider, batch=batch, img_per_s=img_s,
+           flops_per_img=flops, mfu=flops * img_s / peak if peak and img_s else None, **info)
+
+
+def _params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
 
 
 def _run_trainer(benchmark, cfg, provider: str) -> None:
@@ -49,7 +54,7 @@ def _run_trainer(benchmark, cfg, provider: str) -> None:
         tr = Trainer(synthetic_config(cfg, Path(tmp)), log=lambda *a, **k: None)
         flops = flops_per_image(tr)
         benchmark.pedantic(timed(tr.train_step), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-        _record(benchmark, tr.global_batch, flops, provider, compile=cfg.compile_mode if cfg.compile else False,
+        _record(benchmark, tr.global_batch, flops, _params(tr.net), provider, compile=cfg.compile_mode if cfg.compile else False,
                 bf16=tr._bf16())
 
 
@@ -105,6 +110,7 @@ def _diffusers_step(cfg, device, compiled: bool):
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
         return float(loss.detach())
+    step.params = sum(p.numel() for p in net.parameters())
     return step
 
 
@@ -120,4 +126,4 @@ def test_train_diffusers_baseline(benchmark, case, compile_):
     sync()
     benchmark.pedantic(timed(step), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     flops = counter.get_total_flops() / cfg.batch_size
-    _record(benchmark, cfg.batch_size, flops, "diffusers", compile=compile_, bf16=ON_GPU)
+    _record(benchmark, cfg.batch_size, flops, step.params, "diffusers", compile=compile_, bf16=ON_GPU)

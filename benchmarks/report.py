@@ -4,8 +4,10 @@
 
 One table per benchmark family; one row per (case, provider) with the mean time, the throughput
 the benchmark derived (img/s, TFLOP/s or GB/s from its own formula), memory / accuracy columns
-where recorded, and the time relative to the family's baseline on the same case: 0.33x is three
-times faster than the baseline, 1.55x is 55% slower. The header names the device and the date.
+where recorded, the row's share of its roofline bound (``benchmarks/roofline.py``: 100% would be
+the GPU's datasheet peak or bandwidth), and the time relative to the family's baseline on the same
+case: 0.33x is three times faster than the baseline, 1.55x is 55% slower. The header names the
+device and the date.
 """
 from __future__ import annotations
 
@@ -80,8 +82,8 @@ def _cell(info: dict, specs) -> tuple[str, str]:
 
 
 def table(family: str, cases: dict, baseline: str) -> list[str]:
-    lines = [f"### {family}", "", f"| case | provider | mean | throughput | extra | time vs {baseline or 'baseline'} |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"### {family}", "", "| case | provider | mean | throughput | of roofline | extra "
+             f"| time vs {baseline or 'baseline'} |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for case, by_label in cases.items():
         base = by_label.get(baseline)
         for label, row in by_label.items():
@@ -89,12 +91,13 @@ def table(family: str, cases: dict, baseline: str) -> list[str]:
             unit, value = _cell(info, THROUGHPUT)
             extra = " ".join(f"{u} {v}" for u, v in (_cell(info, [s]) for s in EXTRAS) if v)
             ratio = f"{mean / base['stats']['mean']:.2f}x" if base else "n/a"
-            lines.append(f"| {case} | {label} | {mean * 1e3:.4g} ms | {value} {unit} | {extra} | {ratio} |")
+            pct = f"{info['roofline_pct']:.1f}%" if info.get("roofline_pct") is not None else "-"
+            lines.append(f"| {case} | {label} | {mean * 1e3:.4g} ms | {value} {unit} | {pct} | {extra} | {ratio} |")
     return lines + [""]
 
 
 def render(data: dict) -> str:
-    rows = data["benchmarks"]
+    rows = [r for r in data["benchmarks"] if r.get("stats")]  # untimed rows (--benchmark-disable) have none
     device = next((r["extra_info"]["device"] for r in rows if "device" in r["extra_info"]), "unknown device")
     lines = [f"Measured on {device}, {data.get('datetime', '')[:10]} (pytest-benchmark means).", ""]
     baselines = {_family(r)[0]: _family(r)[1] for r in rows}

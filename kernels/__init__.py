@@ -1,9 +1,11 @@
 """Fused Triton kernels of sgengine (installed as ``sgengine.kernels``).
 
-Each op lives in ``kernels/<op>.py`` with its private ``@triton.jit`` kernels, a host launcher
-that checks shapes and dtypes, and ``<op>_ref`` in PyTorch with the same signature. Every entry
-point takes ``backend="auto"|"triton"|"torch"``; each is registered as a ``torch.library``
-custom op (namespace ``sgengine``) so ``torch.compile`` traces it.
+Each op lives in ``kernels/<op>.py``: the entry point that checks shapes and dtypes, ``<op>_ref``
+in PyTorch with the same signature, and a ``torch.library`` custom op (namespace ``sgengine``) so
+``torch.compile`` traces it. Its ``@triton.jit`` kernels, tile configs and launcher live in
+``kernels/_<op>_triton.py``, imported only when the Triton path runs: this package imports, and
+``backend="auto"`` uses PyTorch, on a machine without triton. Every entry point takes
+``backend="auto"|"triton"|"torch"``.
 """
 from ._backend import BACKENDS, resolve_backend
 from .attention_key_mass import attention_with_key_mass, attention_with_key_mass_ref

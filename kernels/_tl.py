@@ -3,7 +3,7 @@
 Triton 3.9's interpreter (TRITON_INTERPRET=1, used for CPU tests) multiplies bfloat16 dot
 operands as raw uint16 bits and truncates fp32 -> bf16 casts; compiled GPU code does neither.
 These helpers take a constexpr flag so the GPU path compiles to the plain instruction.
-(kernels/kmeans.py inlines the same upcast: nested jit calls are slow under the interpreter.)
+(kernels/_kmeans_triton.py inlines the same upcast: nested jit calls are slow under the interpreter.)
 """
 import triton
 import triton.language as tl

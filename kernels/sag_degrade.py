@@ -11,10 +11,11 @@ self-attention is high and diffuses the result again with the model's own noise 
 for flow matching, so the same op serves every sampler, not only alpha-cumprod ones.
 
 The PyTorch chain is ~8 kernels (pad, two convolutions, upsample, where, two axpys, cast), each
-reading and writing a full image. ``_sag_degrade_kernel`` reads x0, eps and the low-resolution
-mass once and writes x_deg once. Each program owns one (image, channel) tile; its Gaussian blur is
-two small GEMMs with banded Toeplitz weight matrices, Gv @ X @ Gh, over the tile plus a halo of r
-pixels, and tiles where the mask is off everywhere skip the halo loads and the blur altogether.
+reading and writing a full image. ``_sag_degrade_kernel`` (in ``_sag_degrade_triton``, imported
+only when the Triton path runs) reads x0, eps and the low-resolution mass once and writes x_deg
+once. Each program owns one (image, channel) tile; its Gaussian blur is small GEMMs with banded
+Toeplitz weight matrices, Gv @ X @ Gh, over the tile plus a halo of r pixels, and tiles where the
+mask is off everywhere skip the halo loads and the blur altogether.
 """
 from __future__ import annotations
 
@@ -22,80 +23,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from ._backend import check_same_device, interpreter_on, resolve_backend
-from ._tl import round_cast
+from ._backend import check_same_device, resolve_backend
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _gauss(t, r, neg_inv_two_sigma2, inv_norm):
-    """Banded Toeplitz weights: g[t] for tap t = ext - out in [0, 2r], else 0. g sums to 1."""
-    d = (t - r).to(tl.float32)
-    return tl.where((t >= 0) & (t <= 2 * r), tl.exp(d * d * neg_inv_two_sigma2) * inv_norm, 0.0)
-
-
-@triton.jit
-def _reflect(i, n):
-    """Reflect padding without repeating the edge (as F.pad 'reflect'); valid for r < n."""
-    i = tl.where(i < 0, -i, i)
-    i = tl.where(i > n - 1, 2 * (n - 1) - i, i)
-    # Rows of the halo that feed only padded outputs may fall outside: keep addresses in bounds.
-    return tl.minimum(tl.maximum(i, 0), n - 1)
-
-
-@triton.jit
-def _blur_tile(plane, sy, sx, H, W, y0, x0, r, neg_inv_two_sigma2, inv_norm,
-               EXT_H: tl.constexpr, EXT_W: tl.constexpr, PRECISION: tl.constexpr):
-    """Gaussian blur at outputs (y0 + o, x0 + o'): Gv @ X @ Gh over the tile with its r-halo."""
-    e_h = tl.arange(0, EXT_H)
-    e_w = tl.arange(0, EXT_W)
-    rows = _reflect(y0 - r + e_h, H)
-    cols = _reflect(x0 - r + e_w, W)
-    tile = tl.load(plane + rows[:, None] * sy + cols[None, :] * sx).to(tl.float32)
-    g_v = _gauss(e_h[None, :] - e_h[:, None], r, neg_inv_two_sigma2, inv_norm)  # [out, ext]
-    g_h = _gauss(e_w[:, None] - e_w[None, :], r, neg_inv_two_sigma2, inv_norm)  # [ext, out]
-    vertical = tl.dot(g_v, tile, input_precision=PRECISION)
-    return tl.dot(vertical, g_h, input_precision=PRECISION)
-
-
-@triton.jit
-def _sag_degrade_kernel(X0, Eps, Mass, A, Bcoef, Out,
-                        C, H, W, fy, fx, threshold, r, neg_inv_two_sigma2, inv_norm,
-                        sxb, sxc, sxy, sxx, seb, sec, sey, sex, smb, smy, smx,
-                        sob, soc, soy, sox,
-                        EXT_H: tl.constexpr, EXT_W: tl.constexpr, PRECISION: tl.constexpr,
-                        INTERPRETED: tl.constexpr):
-    """One program per (image*channel, tile row, tile column); EXT - 2r valid outputs per side."""
-    b = tl.program_id(0) // C
-    c = tl.program_id(0) % C
-    y0 = tl.program_id(1) * (EXT_H - 2 * r)
-    x0 = tl.program_id(2) * (EXT_W - 2 * r)
-    oy = y0 + tl.arange(0, EXT_H)
-    ox = x0 + tl.arange(0, EXT_W)
-    ok_y = (tl.arange(0, EXT_H) < EXT_H - 2 * r) & (oy < H)
-    ok_x = (tl.arange(0, EXT_W) < EXT_W - 2 * r) & (ox < W)
-    ok = ok_y[:, None] & ok_x[None, :]
-    # Nearest upsampling of the mask is an integer division of the pixel index.
-    mass = tl.load(Mass + b * smb + (oy // fy)[:, None] * smy + (ox // fx)[None, :] * smx,
-                   mask=ok, other=0.0)
-    on = (mass.to(tl.float32) > threshold) & ok
-    plane = X0 + b * sxb + c * sxc
-    x0_hat = tl.load(plane + oy[:, None] * sxy + ox[None, :] * sxx, mask=ok, other=0.0)
-    x0_hat = x0_hat.to(tl.float32)
-    eps = tl.load(Eps + b * seb + c * sec + oy[:, None] * sey + ox[None, :] * sex,
-                  mask=ok, other=0.0).to(tl.float32)
-    blurred = x0_hat
-    if tl.max(on.to(tl.int32)) > 0:
-        blurred = _blur_tile(plane, sxy, sxx, H, W, y0, x0, r, neg_inv_two_sigma2, inv_norm,
-                             EXT_H, EXT_W, PRECISION)
-    x0_bar = tl.where(on, blurred, x0_hat)
-    x_deg = tl.load(A + b) * x0_bar + tl.load(Bcoef + b) * eps
-    tl.store(Out + b * sob + c * soc + oy[:, None] * soy + ox[None, :] * sox,
-             round_cast(x_deg, Out.dtype.element_ty, INTERPRETED), mask=ok)
+# The Triton kernel's tiles are at most 64 x 64 (larger ones spill registers): blur radius < 32.
+_TRITON_MAX_KERNEL = 63
 
 
 def _mass_map(mass: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
@@ -181,39 +114,13 @@ def sag_degrade_ref(x_t, x0, eps, mass, a, b, threshold: float = 1.0, kernel_siz
     return (a * x0_bar.float() + b * eps.float()).to(x_t.dtype)
 
 
-def _tile_extent(n: int, r: int) -> int:
-    """Power-of-two tile side E (E - 2r outputs) that minimises tiles * E^3, the blur GEMM work;
-    on a tie the larger tile, whose halo is a smaller share of its loads."""
-    sides = (16, 32, 64) if interpreter_on() else (32, 64)  # >= 32: tensor-core friendly on GPU
-    fits = [e for e in sides if e > 2 * r] or [triton.next_power_of_2(2 * r + 16)]
-    return min(fits, key=lambda e: (triton.cdiv(n, e - 2 * r) * e ** 3, -e))
-
-
-def _launch(x_t, x0, eps, mass, a, b, threshold: float, kernel_size: int, sigma: float):
-    B, C, H, W = x_t.shape
-    r = kernel_size // 2
-    out = torch.empty((B, C, H, W), device=x_t.device, dtype=x_t.dtype)
-    ext_h, ext_w = _tile_extent(H, r), _tile_extent(W, r)
-    g_sum = sum(math.exp(-(t - r) ** 2 / (2.0 * sigma * sigma)) for t in range(kernel_size))
-    grid = (B * C, triton.cdiv(H, ext_h - 2 * r), triton.cdiv(W, ext_w - 2 * r))
-    _sag_degrade_kernel[grid](
-        x0, eps, mass, a, b, out, C, H, W, H // mass.shape[1], W // mass.shape[2], threshold, r,
-        -1.0 / (2.0 * sigma * sigma), 1.0 / g_sum, *x0.stride(), *eps.stride(), *mass.stride(),
-        *out.stride(), EXT_H=ext_h, EXT_W=ext_w,
-        # fp32-accurate blur on tensor cores (3 TF32 products); plain TF32 would cost ~1e-3.
-        PRECISION="tf32x3", INTERPRETED=interpreter_on(),
-        num_warps=8 if ext_h * ext_w >= 4096 else 4,
-        # a * x0_bar + b * eps rounded as PyTorch rounds it (no FMA), so that an all-off mask
-        # reproduces x_t = a * x0 + b * eps bit for bit.
-        enable_fp_fusion=False)
-    return out
-
-
 @torch.library.custom_op("sgengine::sag_degrade", mutates_args=())
 def _sag_degrade_op(x_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, mass: torch.Tensor,
                     a: torch.Tensor, b: torch.Tensor, threshold: float, kernel_size: int,
                     sigma: float) -> torch.Tensor:
-    return _launch(x_t, x0, eps, mass, a, b, threshold, kernel_size, sigma)
+    from ._sag_degrade_triton import launch  # triton is imported by the Triton path only
+
+    return launch(x_t, x0, eps, mass, a, b, threshold, kernel_size, sigma)
 
 
 @_sag_degrade_op.register_fake
@@ -234,7 +141,8 @@ def sag_degrade(x_t, x0, eps, mass, a, b, threshold: float = 1.0, kernel_size: i
             H / h == W / w to be inferred).
         a, b: (B,) float32 (or floats) with x_t = a * x0 + b * eps for the sampler's process.
         threshold: M = mass > threshold (1.0: more than the mean attention for self-attention).
-        kernel_size, sigma: Gaussian blur, kernel_size odd with kernel_size // 2 < min(H, W).
+        kernel_size, sigma: Gaussian blur, kernel_size odd with kernel_size // 2 < min(H, W);
+            the Triton kernel takes kernel_size <= 63 ("auto" uses PyTorch above that).
         backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "torch".
 
     Returns:
@@ -244,8 +152,12 @@ def sag_degrade(x_t, x0, eps, mass, a, b, threshold: float = 1.0, kernel_size: i
     B, _, H, W = x_t.shape
     mass = _mass_map(mass, B, H, W)
     check_same_device(x_t=x_t, x0=x0, eps=eps, mass=mass)
-    if resolve_backend(backend, x_t, x0, eps, mass) == "torch":
+    resolved = resolve_backend(backend, x_t, x0, eps, mass)
+    if resolved == "torch" or (backend == "auto" and kernel_size > _TRITON_MAX_KERNEL):
         return sag_degrade_ref(x_t, x0, eps, mass, a, b, threshold, kernel_size, sigma)
+    if kernel_size > _TRITON_MAX_KERNEL:
+        raise ValueError(f"kernel_size {kernel_size} > {_TRITON_MAX_KERNEL} is not supported by "
+                         "the Triton kernel: use backend='torch' or 'auto'")
     a, b = _per_sample("a", a, B, x_t), _per_sample("b", b, B, x_t)
     return _sag_degrade_op(x_t, x0, eps, mass, a, b, float(threshold), int(kernel_size),
                            float(sigma))

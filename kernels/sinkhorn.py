@@ -21,120 +21,22 @@ normalisation, the 1/K and 1/B factors and the final *B are constants on a poten
 exactly; only the per-prototype sums need to cross ranks, which this file all-reduces (as SwAV's
 ``dist.all_reduce(sum_of_rows)``), as a (max, sum of exponentials) pair.
 
-Triton: the potentials pass over the matrix alternately by columns (``_col_kernel``, one program
-per prototype tile, online over all samples) and by rows (``_row_kernel``, one program per sample
-block); the last row pass also writes Q. 2 * iters + 1 reads of the scores and one write of Q,
-no atomics (deterministic). Small problems run in a single program (``_fused_kernel``), one
-launch. Kernels work in base 2 (exp2 is the hardware path): potentials are in log2 units.
+Triton (``_sinkhorn_triton``, imported only when that path runs): the potentials pass over the
+matrix alternately by columns (``_col_kernel``, one program per prototype tile, online over all
+samples) and by rows (``_row_kernel``, one program per sample block); the last row pass also
+writes Q. 2 * iters + 1 reads of the scores and one write of Q, no atomics (deterministic). Small
+problems run in a single program (``_fused_kernel``), one launch. Kernels work in base 2 (exp2
+is the hardware path): potentials are in log2 units.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import triton
-import triton.language as tl
 
-from ._backend import interpreter_on, resolve_backend
+from ._backend import resolve_backend
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = 1.4426950408889634
 _FUSED_MAX_NUMEL = 1 << 15  # up to here one program beats 2 * iters launches (~128 KB in L2)
-
-
-@triton.jit
-def _col_lse(S, H, B, sb, sk, scale, offs_k, k_ok, HAS_H: tl.constexpr,
-             BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """a_k = log2 sum_b 2^(x_bk - h_b), x = S * log2(e), online over row blocks -> (BLOCK_K,)."""
-    m = tl.full([BLOCK_K], float("-inf"), tl.float32)
-    acc = tl.zeros([BLOCK_K], tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        b_ok = offs_b < B
-        x = tl.load(S + offs_b[:, None] * sb + offs_k[None, :] * sk,
-                    mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * scale
-        if HAS_H:
-            x -= tl.load(H + offs_b, mask=b_ok, other=0.0)[:, None]
-        # Padded rows add nothing; padded columns stay finite (never stored) so no NaN arises.
-        x = tl.where(b_ok[:, None], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 0))
-        acc = acc * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new[None, :]), 0)
-        m = m_new
-    return m + tl.log2(acc)
-
-
-@triton.jit
-def _row_lse(S, A, K, sb, sk, scale, offs_b, b_ok, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h_b = log2 sum_k 2^(x_bk - a_k), online over column blocks -> (BLOCK_B,)."""
-    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    acc = tl.zeros([BLOCK_B], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(S + offs_b[:, None] * sb + offs_k[None, :] * sk,
-                    mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * scale
-        x -= tl.load(A + offs_k, mask=k_ok, other=0.0)[None, :]
-        x = tl.where(k_ok[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 1))
-        acc = acc * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), 1)
-        m = m_new
-    return m + tl.log2(acc)
-
-
-@triton.jit
-def _write_q(S, A, Q, h, K, sb, sk, scale, offs_b, b_ok, BLOCK_K: tl.constexpr):
-    """Q_bk = 2^(x_bk - a_k - h_b) for one row block, Q contiguous (B, K) fp32."""
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        mask = b_ok[:, None] & k_ok[None, :]
-        x = tl.load(S + offs_b[:, None] * sb + offs_k[None, :] * sk, mask=mask, other=0.0)
-        x = x.to(tl.float32) * scale - tl.load(A + offs_k, mask=k_ok, other=float("inf"))[None, :]
-        tl.store(Q + offs_b[:, None] * K + offs_k[None, :], tl.exp2(x - h[:, None]), mask=mask)
-
-
-@triton.jit
-def _col_kernel(S, H, A, B, K, sb, sk, scale, HAS_H: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per prototype tile: the column potentials a (K,)."""
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < K
-    a = _col_lse(S, H, B, sb, sk, scale, offs_k, k_ok, HAS_H, BLOCK_B, BLOCK_K)
-    tl.store(A + offs_k, a, mask=k_ok)
-
-
-@triton.jit
-def _row_kernel(S, A, H, Q, B, K, sb, sk, scale, WRITE_Q: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per sample block: the row potentials h (B,), or on the last pass Q itself."""
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
-    h = _row_lse(S, A, K, sb, sk, scale, offs_b, b_ok, BLOCK_B, BLOCK_K)
-    if WRITE_Q:
-        _write_q(S, A, Q, h, K, sb, sk, scale, offs_b, b_ok, BLOCK_K)
-    else:
-        tl.store(H + offs_b, h, mask=b_ok)
-
-
-@triton.jit
-def _fused_kernel(S, A, H, Q, B, K, sb, sk, scale, iters,
-                  BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """All passes in one program (H arrives zeroed); barriers publish A and H to every warp."""
-    for it in range(iters):
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            a = _col_lse(S, H, B, sb, sk, scale, offs_k, k_ok, True, BLOCK_B, BLOCK_K)
-            tl.store(A + offs_k, a, mask=k_ok)
-        tl.debug_barrier()
-        for b0 in range(0, B, BLOCK_B):
-            offs_b = b0 + tl.arange(0, BLOCK_B)
-            b_ok = offs_b < B
-            h = _row_lse(S, A, K, sb, sk, scale, offs_b, b_ok, BLOCK_B, BLOCK_K)
-            if it == iters - 1:
-                _write_q(S, A, Q, h, K, sb, sk, scale, offs_b, b_ok, BLOCK_K)
-            else:
-                tl.store(H + offs_b, h, mask=b_ok)
-        tl.debug_barrier()
 
 
 def _check_inputs(scores: torch.Tensor, eps: float, iters: int) -> None:
@@ -196,55 +98,14 @@ def sinkhorn_ref(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, backen
     return _iterate(col, row, assign, iters, reduce)
 
 
-def _blocks(B: int, K: int, dtype: torch.dtype) -> dict:
-    """Tile sizes: column tiles of one 128-byte line per row; row blocks that fill ~2 waves."""
-    if interpreter_on():  # the interpreter pays per program and per loop trip, not per element
-        return dict(col=(64, 128), row=(min(16, triton.next_power_of_2(B)), 256))
-    col_k = 128 // dtype.itemsize
-    row_b = max(1, min(8, triton.next_power_of_2(B) // 256))
-    return dict(col=(4096 // col_k, col_k), row=(row_b, 2048 // row_b))
-
-
-def _triton_passes(scores: torch.Tensor, eps: float):
-    """(col, row, assign) launchers for :func:`_iterate`; potentials in log2 units."""
-    B, K = scores.shape
-    scale, cfg = _LOG2E / eps, _blocks(B, K, scores.dtype)
-    a = torch.empty(K, device=scores.device, dtype=torch.float32)
-    h = torch.empty(B, device=scores.device, dtype=torch.float32)
-    q = torch.empty((B, K), device=scores.device, dtype=torch.float32)
-    (cb, ck), (rb, rk) = cfg["col"], cfg["row"]
-
-    def col(h_prev):
-        _col_kernel[(triton.cdiv(K, ck),)](scores, h if h_prev is None else h_prev, a, B, K,
-                                           *scores.stride(), scale, HAS_H=h_prev is not None,
-                                           BLOCK_B=cb, BLOCK_K=ck, num_warps=4)
-        return a
-
-    def row(a_now, write_q=False):
-        _row_kernel[(triton.cdiv(B, rb),)](scores, a_now, h, q, B, K, *scores.stride(), scale,
-                                           WRITE_Q=write_q, BLOCK_B=rb, BLOCK_K=rk, num_warps=4)
-        return q if write_q else h
-
-    return col, row, lambda a_now: row(a_now, write_q=True)
-
-
-def _launch(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
-    """Single-process Triton Sinkhorn: one fused program when small, else alternating passes."""
-    B, K = scores.shape
-    if B * K > _FUSED_MAX_NUMEL:
-        return _iterate(*_triton_passes(scores, eps), iters)
-    a = torch.empty(K, device=scores.device, dtype=torch.float32)
-    h = torch.zeros(B, device=scores.device, dtype=torch.float32)
-    q = torch.empty((B, K), device=scores.device, dtype=torch.float32)
-    bk = min(256, triton.next_power_of_2(K))
-    _fused_kernel[(1,)](scores, a, h, q, B, K, *scores.stride(), _LOG2E / eps, iters,
-                        BLOCK_B=max(1, 4096 // bk), BLOCK_K=bk, num_warps=8)
-    return q
-
-
 @torch.library.custom_op("sgengine::sinkhorn", mutates_args=())
 def _sinkhorn_op(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
-    return _launch(scores, eps, iters)
+    """Single-process Triton Sinkhorn: one fused program when small, else alternating passes."""
+    from . import _sinkhorn_triton as kernels  # triton is imported by the Triton path only
+
+    if scores.numel() <= _FUSED_MAX_NUMEL:
+        return kernels.fused(scores, eps, iters)
+    return _iterate(*kernels.passes(scores, eps), iters)
 
 
 @_sinkhorn_op.register_fake
@@ -277,5 +138,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, backend: s
                          "use backend='torch'")
     if not _across_ranks(distributed):
         return _sinkhorn_op(scores, float(eps), int(iters))
-    return _iterate(*_triton_passes(scores, float(eps)), int(iters),
+    from ._sinkhorn_triton import passes
+
+    return _iterate(*passes(scores, float(eps)), int(iters),
                     reduce=lambda a: _allreduce_lse(a, torch.exp2, torch.log2))

@@ -16,7 +16,7 @@ def _row(fn, params, provider, mean, **info):
 def test_tables_put_each_row_beside_its_baseline(tmp_path, capsys):
     rows = [
         _row("test_sinkhorn", {"provider": "sgengine", "shape": [512, 5000], "dtype": "UNSERIALIZABLE[torch.float32]"},
-             "sgengine", 5e-5, gb_per_s=1500.0, Q_max_err=2e-7),
+             "sgengine", 5e-5, gb_per_s=1500.0, Q_max_err=2e-7, roofline_pct=12.25),
         _row("test_sinkhorn", {"provider": "swav", "shape": [512, 5000], "dtype": "UNSERIALIZABLE[torch.float32]"},
              "swav", 2e-4, gb_per_s=375.0),
         _row("test_train_sgengine", {"case": ["in32", 128], "mode": "reduce-overhead"}, "sgengine", 0.02,
@@ -29,8 +29,8 @@ def test_tables_put_each_row_beside_its_baseline(tmp_path, capsys):
     assert report.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Measured on NVIDIA H100 80GB HBM3, 2026-11-23")
-    assert "| 512x5000, torch.float32 | sgengine | 0.05 ms | 1500 GB/s | max err 2.0e-07 | 0.25x |" in out
-    assert "| 512x5000, torch.float32 | swav | 0.2 ms | 375 GB/s |  | 1.00x |" in out
-    assert "| in32x128 | sgengine reduce-overhead | 20 ms | 6400 img/s | MFU 41.0% | 0.49x |" in out
-    assert "| in32x128 | diffusers compiled | 41 ms | 3122 img/s |  | 1.00x |" in out
+    assert "| 512x5000, torch.float32 | sgengine | 0.05 ms | 1500 GB/s | 12.2% | max err 2.0e-07 | 0.25x |" in out
+    assert "| 512x5000, torch.float32 | swav | 0.2 ms | 375 GB/s | - |  | 1.00x |" in out
+    assert "| in32x128 | sgengine reduce-overhead | 20 ms | 6400 img/s | - | MFU 41.0% | 0.49x |" in out
+    assert "| in32x128 | diffusers compiled | 41 ms | 3122 img/s | - |  | 1.00x |" in out
     assert out.count("### training throughput") == 1  # both functions in one family

@@ -140,3 +140,11 @@ def test_custom_op_traces():
                              backend="aot_eager", fullgraph=True)
     want = truth(x0, eps, mass, a, b, 16, 16, 1.0, 9, 1.0)
     assert max_err(compiled(x_t, x0, eps, mass, a, b), want) <= 1e-5
+
+
+def test_triton_rejects_blurs_wider_than_its_tiles():
+    x_t, x0, eps, mass, a, b = make_inputs((1, 1, 40, 40), (4, 4))
+    with pytest.raises(ValueError, match="kernel_size 65 > 63 .* backend='torch'"):
+        sag_degrade(x_t, x0, eps, mass, a, b, kernel_size=65, sigma=8.0, backend="triton")
+    want = sag_degrade_ref(x_t, x0, eps, mass, a, b, kernel_size=65, sigma=8.0)
+    assert torch.equal(sag_degrade(x_t, x0, eps, mass, a, b, kernel_size=65, sigma=8.0), want)

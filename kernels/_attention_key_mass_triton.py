@@ -1,0 +1,188 @@
+"""Triton path of :func:`sgengine.kernels.attention_key_mass.attention_with_key_mass` (imported
+only when it runs).
+
+* ``_attn_fwd_kernel``: a flash-attention forward (online softmax, Dao et al.) that writes the
+  output and the per-row log-sum-exp ``lse`` (fp32, (B, H, Nq)).
+* ``_key_mass_kernel``: one program per (key block, batch, head x query chunk) recomputes
+  p = exp(q k^T * scale - lse) over its chunk of queries and sums it over them in registers; it
+  writes that partial column sum to a (splits, B, Nk) fp32 buffer, which one fixed-order sum over
+  the splits reduces to the mass. Splitting over heads and query chunks fills the GPU at small
+  batches (B=2, N=1024, 8 heads: 512 programs, was 16 with one program per (key block, batch)
+  looping over every head); no atomics, so the mass stays deterministic.
+
+Configs are per head dim (BLOCK_D) and per precision: each list holds only tiles that compile
+without spills on sm_80/86/89/90 (``python -m sgengine.kernels.audit``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreter_on
+from ._tl import dot_f32, round_cast
+
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the fast hardware path
+# Programs the key-mass pass aims for: two waves of an H100's 132 SMs (A100 108, A5000 64).
+_MIN_PROGRAMS = 264
+_CHUNK = 64  # query chunks of the key-mass pass are multiples of this (every BLOCK_M divides it)
+_MASS_BLOCK_N = 64  # the largest BLOCK_N of the key-mass configs
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, Out, Lse,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+                     svb, svh, svn, svd, sob, soh, som, sod,
+                     H, Nq, Nk, D, qk_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """One program per (query block, batch*head): O = softmax(Q K^T * scale) V, lse per row."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Nq
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    # Online softmax in base 2 (qk_scale already holds log2(e)): running max m_i, running sum l_i.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, Nk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Nk
+        kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = dot_f32(q, kT, PRECISION, INTERP_BF16) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + dot_f32(round_cast(p, v.dtype, INTERP_BF16), v, PRECISION, INTERP_BF16)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             round_cast(acc, Out.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & d_ok[None, :])
+    # lse in natural-log units: m_i and log2(l_i) are base 2.
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(Lse + (b * H + h) * Nq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _key_mass_kernel(Q, K, Lse, Partial,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+                     H, Nq, Nk, D, qk_scale, q_chunk,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """One program per (key block, batch, split = head x query chunk):
+    partial[split, b, j] = sum over the chunk's queries i of exp(q_i.k_j * scale - lse_i)."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    chunks = tl.cdiv(Nq, q_chunk)
+    h = split // chunks
+    m0 = (split % chunks) * q_chunk
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < Nk
+    d_ok = offs_d < D
+    kT = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    colsum = tl.zeros([BLOCK_N], tl.float32)
+    # Query blocks in order inside the program: one fixed summation order, no atomics.
+    for start_m in range(m0, tl.minimum(m0 + q_chunk, Nq), BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Nq
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # Padded rows get lse = +inf, hence p = 0; padded columns are never stored.
+        lse2 = tl.load(Lse + (b * H + h) * Nq + offs_m, mask=row_ok, other=float("inf"))
+        s = dot_f32(q, kT, PRECISION, INTERP_BF16) * qk_scale
+        p = tl.exp2(s - lse2[:, None] * 1.4426950408889634)
+        colsum += tl.sum(p, 0)
+    tl.store(Partial + (split * tl.num_programs(1) + b) * Nk + offs_n, colsum, mask=col_ok)
+
+
+def _configs(rows):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in rows]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) per (16-bit?, BLOCK_D), after the Triton fused-attention
+# tutorial, pruned to the tiles that compile without spills on every target.
+_FWD = {
+    (True, 64): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    (True, 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    (True, 256): [(64, 32, 8, 2)],  # 64 rows: the least a warpgroup's wgmma takes on sm_90
+    # Exact fp32 runs on the CUDA cores, whose dot operands sit whole in registers: 16 rows.
+    (False, 64): [(16, 32, 4, 1)],
+    (False, 128): [(16, 32, 8, 1)],
+    (False, 256): [(16, 32, 8, 1)],
+}
+# Key mass: BLOCK_M <= _CHUNK (query chunks are multiples of it) and BLOCK_N <= _MASS_BLOCK_N
+# (the launcher sizes the splits for that many keys a program).
+_MASS = {
+    (True, 64): [(64, 64, 4, 3)],
+    (True, 128): [(64, 64, 4, 3)],
+    (True, 256): [(64, 64, 8, 2)],
+    (False, 64): [(16, 32, 4, 1)],  # 32 x 32 spilled 556 B at D=128 on sm_86/89
+    (False, 128): [(16, 32, 4, 1)],
+    (False, 256): [(16, 32, 4, 1)],
+}
+_FWD_KEY = ["Nq", "Nk", "BLOCK_D", "PRECISION"]
+_MASS_KEY = ["H", "Nq", "Nk", "BLOCK_D", "PRECISION"]
+# Forward autotuners per (table, small grid?): on a small grid only tiles of <= 64 query rows,
+# so that B * H * cdiv(Nq, BLOCK_M) is as large as the forward's decomposition allows.
+_FWD_TUNED = {(k, small): triton.autotune(_configs([c for c in v if not small or c[0] <= 64]),
+                                          key=_FWD_KEY)(_attn_fwd_kernel)
+              for k, v in _FWD.items() for small in (False, True)}
+_MASS_TUNED = {k: triton.autotune(_configs(v), key=_MASS_KEY)(_key_mass_kernel)
+               for k, v in _MASS.items()}
+# Under the interpreter: small blocks so that small test shapes still loop over several blocks.
+_INTERPRETED = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+
+
+def _query_chunk(B: int, H: int, Nq: int, Nk: int) -> int:
+    """Queries per split of the key-mass pass (a multiple of _CHUNK): enough splits that
+    (key blocks) x B x (splits) reaches _MIN_PROGRAMS, or one chunk per _CHUNK queries."""
+    want = triton.cdiv(_MIN_PROGRAMS, B * H * triton.cdiv(Nk, _MASS_BLOCK_N))
+    chunks = max(1, min(triton.cdiv(Nq, _CHUNK), want))
+    return triton.cdiv(triton.cdiv(Nq, chunks), _CHUNK) * _CHUNK
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Run the two Triton kernels; returns (out (B, H, Nq, D) in q.dtype, mass (B, Nk) fp32)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    q_chunk = _query_chunk(B, H, Nq, Nk)
+    splits = H * triton.cdiv(Nq, q_chunk)
+    partial = torch.empty((splits, B, Nk), device=q.device, dtype=torch.float32)
+    low = q.dtype != torch.float32
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs inner dims >= 16
+    # fp32 inputs: exact fp32 products (TF32 would cost ~1e-3 relative error); 16-bit inputs are
+    # exact in the tensor-core path already.
+    opts = dict(BLOCK_D=block_d, PRECISION="tf32" if low else "ieee",
+                INTERP_BF16=interpreter_on() and q.dtype == torch.bfloat16)
+    table = (low, max(64, block_d))
+    small = B * H * triton.cdiv(Nq, 128) < _MIN_PROGRAMS
+    fwd, key_mass = _FWD_TUNED[table, small], _MASS_TUNED[table]
+    if interpreter_on():
+        fwd, key_mass = _attn_fwd_kernel, _key_mass_kernel
+        opts.update(_INTERPRETED)
+    qk_scale = scale * _LOG2E  # base-2 exponentials inside the kernels
+    fwd[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, Nq, Nk, D, qk_scale, **opts)
+    key_mass[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B, splits)](
+        q, k, lse, partial, *q.stride(), *k.stride(), H, Nq, Nk, D, qk_scale, q_chunk, **opts)
+    # The fixed-order second reduction: deterministic (no atomics), then the mean over heads.
+    return out, partial.sum(dim=0).mul_(1.0 / H)
