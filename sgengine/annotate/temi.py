@@ -10,7 +10,8 @@ the batch-mean teacher probabilities), the loss of a pair is (TEMI eq. 6 / C-EDM
     w(x, x') = sum_k q_t(x)_k q_t(x')_k   (no gradient; averaged over heads as in the authors' code),
 
 symmetrised over (x, x') and averaged over the batch; the heads are independent and the one with
-the lowest loss gives the clusters (the argmax of its teacher). The teacher momentum rises from
+the lowest loss gives the clusters (the argmax of its teacher; the loss of the trained teacher over
+all pairs, ``final_head_loss``). The teacher momentum rises from
 m0 to 1 on a cosine schedule over the total number of steps (DINO's per-step schedule). Optimiser as
 in the authors' code: AdamW, linear warm-up then cosine decay, weight decay 1e-4, last layer frozen
 for the first epoch.
@@ -156,6 +157,26 @@ def assign(heads: TEMIHeads, x: torch.Tensor, head: int, batch_size: int = 4096)
     return torch.cat([heads(x[i:i + batch_size])[head].argmax(-1) for i in range(0, len(x), batch_size)])
 
 
+@torch.no_grad()
+def final_head_loss(heads: TEMIHeads, x: torch.Tensor, nbrs: torch.Tensor, cfg: TEMIConfig,
+                    batch_size: int = 1024) -> torch.Tensor:
+    """Per-head TEMI loss (H,) of the trained heads that give the clusters, over every (x, neighbour)
+    pair, with p_k their mean probability over the data: the head-selection criterion. The running
+    training loss mixes a moving student, an EMA prior and a few noisy batches (on 8 blobs it picked
+    a head that merged two blobs over heads that found all eight)."""
+    logits = torch.cat([heads(x[i:i + batch_size]) for i in range(0, len(x), batch_size)], dim=1)
+    prior = torch.cat([F.softmax(logits[:, i:i + batch_size] / cfg.temperature, -1)
+                       for i in range(0, len(x), batch_size)], dim=1).mean(1)
+    fixed = dataclasses.replace(cfg, prior_momentum=1.0)  # p_k stays the data mean
+    total = torch.zeros(logits.shape[0], device=x.device)
+    for i in range(0, len(x), max(batch_size // nbrs.shape[1], 1)):
+        rows = torch.arange(i, min(i + max(batch_size // nbrs.shape[1], 1), len(x)), device=x.device)
+        a, b = rows.repeat_interleave(nbrs.shape[1]), nbrs[rows].reshape(-1)
+        loss, _ = temi_loss(logits[:, a], logits[:, b], logits[:, a], logits[:, b], prior, fixed)
+        total += loss * len(a)
+    return total / nbrs.numel()
+
+
 class _Trainer:
     """One TEMI run: state and the step; ``temi_cluster`` is the entry point."""
 
@@ -220,9 +241,10 @@ def temi_cluster(features: torch.Tensor, clusters: int, epochs: int = 100, cfg: 
     nbrs = (cosine_knn(x, cfg.knn) if knn is None else knn).to(x.device)
     run = _Trainer(x, clusters, nbrs, cfg)
     history = run.fit(epochs, progress)
-    head = int(history[-1].argmin())
+    final = final_head_loss(run.teacher, x, nbrs, cfg)
+    head = int(final.argmin())
     ids = assign(run.teacher, x, head).cpu()
-    info = {"head": head, "head_loss": history[-1].tolist(), "loss": [float(h[head]) for h in history],
+    info = {"head": head, "head_loss": final.tolist(), "loss": [float(h[head]) for h in history],
             **balance(ids.numpy(), clusters)}
     return ids, info
 
