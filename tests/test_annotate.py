@@ -1,5 +1,4 @@
 """Self-annotation pipeline: features, LOST, TEMI (+ cluster bound), STEGO, CLI end to end."""
-import os
 
 import numpy as np
 import pytest
@@ -116,13 +115,11 @@ def test_temi_schedules_scale_with_the_run():
     assert scaled_schedule(TEMIConfig(momentum=0.99, lr=1e-3), 800) == (0.99, 1e-3)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-@pytest.mark.skipif(os.environ.get("SGENGINE_SLOW", "0") in ("", "0"),
-                    reason="~5 min on 2 cores: run with SGENGINE_SLOW=1")
 def test_temi_defaults_beat_kmeans_on_digits():
-    """Digits, pixel features, K=10, TEMIConfig() and the CLI's 100 epochs (~5 min on 2 idle
-    cores). With the paper's fixed m0 = 0.996, lr = 5e-4 the 800-step run reached NMI 0.56-0.57."""
+    """Digits, pixel features, K=10, TEMIConfig() (16 heads, run-scaled schedules), 40 epochs (320
+    steps; the CLI's 100 take ~2.5x longer). Measured NMI 0.743 (40 epochs), 0.823 (60) against
+    k-means' 0.707; 30 epochs reach only 0.656. With the paper's fixed m0 = 0.996, lr = 5e-4 the
+    800-step run reached NMI 0.56-0.57."""
     from sklearn.metrics import normalized_mutual_info_score
 
     from sgengine.annotate.labels import self_label
@@ -130,7 +127,7 @@ def test_temi_defaults_beat_kmeans_on_digits():
     data = load_data("digits", 16, progress=False)
     x = pixel_features(data.images)
     kmeans_nmi = normalized_mutual_info_score(data.labels, self_label(x, 10)[0])
-    ids, _ = temi_cluster(x, 10, epochs=100, progress=False)
+    ids, _ = temi_cluster(x, 10, epochs=40, progress=False)
     temi_nmi = normalized_mutual_info_score(data.labels, ids)
     print(f"digits NMI: TEMI defaults {temi_nmi:.3f}, k-means {kmeans_nmi:.3f}")
     assert temi_nmi > kmeans_nmi
