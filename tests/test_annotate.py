@@ -12,7 +12,8 @@ from sgengine.annotate.io import load_annotations
 from sgengine.annotate.lost import box_masks, lost_boxes, seed_component
 from sgengine.annotate.pixels import pixel_features
 from sgengine.annotate.stego import StegoConfig, codes_of, segment_codes, segment_masks, train_stego
-from sgengine.annotate.temi import TEMIConfig, cluster_count_bound, scaled_schedule, temi_cluster, temi_loss
+from sgengine.annotate.temi import (TEMIConfig, TEMIHeads, cluster_count_bound, cosine_knn, final_head_loss,
+                                   scaled_schedule, temi_cluster, temi_loss)
 from sgengine.eval.cluster import cluster_report
 
 try:
@@ -104,6 +105,19 @@ def test_temi_uses_all_clusters_on_separated_blobs():
     r = cluster_report(ids, 5, y)
     assert r["utilisation"] == 1.0 and r["nmi"] > 0.9, r
     assert 0 <= info["head"] < 4 and info["loss"][-1] < info["loss"][0]
+    assert info["head"] == int(np.argmin(info["head_loss"]))
+
+
+def test_final_head_loss_is_the_mean_pair_loss_with_the_data_prior():
+    """The head-selection loss, chunked over rows, equals eq. 1 on all (x, neighbour) pairs at once
+    (teacher on both sides, p_k = the mean teacher probability over the data)."""
+    x = F.normalize(torch.randn(37, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    heads, nbrs, cfg = TEMIHeads(8, 5, heads=3, hidden=16, bottleneck=8), cosine_knn(x, 4), TEMIConfig()
+    t = heads(x)
+    prior = F.softmax(t / cfg.temperature, -1).mean(1)
+    a, b = torch.arange(37).repeat_interleave(4), nbrs.reshape(-1)
+    want, _ = temi_loss(t[:, a], t[:, b], t[:, a], t[:, b], prior, TEMIConfig(prior_momentum=1.0))
+    torch.testing.assert_close(final_head_loss(heads, x, nbrs, cfg, batch_size=8), want)
 
 
 def test_temi_schedules_scale_with_the_run():

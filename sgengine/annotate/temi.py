@@ -165,15 +165,13 @@ def final_head_loss(heads: TEMIHeads, x: torch.Tensor, nbrs: torch.Tensor, cfg: 
     training loss mixes a moving student, an EMA prior and a few noisy batches (on 8 blobs it picked
     a head that merged two blobs over heads that found all eight)."""
     logits = torch.cat([heads(x[i:i + batch_size]) for i in range(0, len(x), batch_size)], dim=1)
-    prior = torch.cat([F.softmax(logits[:, i:i + batch_size] / cfg.temperature, -1)
-                       for i in range(0, len(x), batch_size)], dim=1).mean(1)
+    prior = F.softmax(logits / cfg.temperature, -1).mean(1)
     fixed = dataclasses.replace(cfg, prior_momentum=1.0)  # p_k stays the data mean
-    total = torch.zeros(logits.shape[0], device=x.device)
-    for i in range(0, len(x), max(batch_size // nbrs.shape[1], 1)):
-        rows = torch.arange(i, min(i + max(batch_size // nbrs.shape[1], 1), len(x)), device=x.device)
-        a, b = rows.repeat_interleave(nbrs.shape[1]), nbrs[rows].reshape(-1)
-        loss, _ = temi_loss(logits[:, a], logits[:, b], logits[:, a], logits[:, b], prior, fixed)
-        total += loss * len(a)
+    total, rows = torch.zeros(logits.shape[0], device=x.device), max(batch_size // nbrs.shape[1], 1)
+    for i in range(0, len(x), rows):
+        a = torch.arange(i, min(i + rows, len(x)), device=x.device).repeat_interleave(nbrs.shape[1])
+        b = nbrs[i:i + rows].reshape(-1)
+        total += temi_loss(logits[:, a], logits[:, b], logits[:, a], logits[:, b], prior, fixed)[0] * len(a)
     return total / nbrs.numel()
 
 
@@ -230,8 +228,8 @@ def temi_cluster(features: torch.Tensor, clusters: int, epochs: int = 100, cfg: 
                  knn: torch.Tensor | None = None, device=None, progress: bool = True) -> tuple[torch.Tensor, dict]:
     """TEMI on (N, d) features into ``clusters`` clusters -> (ids (N,) int64 CPU, info).
 
-    info: 'head' (the best head), 'head_loss' (last-epoch mean loss per head), 'loss' (best head's
-    mean loss per epoch), 'used' / 'utilisation' / 'kl_uniform'. knn: precomputed (N, k) neighbour
+    info: 'head' (the best head), 'head_loss' (``final_head_loss`` per head), 'loss' (best head's
+    mean training loss per epoch), 'used' / 'utilisation' / 'kl_uniform'. knn: precomputed (N, k) neighbour
     indices (re-used across runs by the bound search). device: default CUDA when available."""
     if not torch.isfinite(features).all():
         raise ValueError("features contain NaN or Inf; check the extractor or the input images")
