@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import report  # noqa: E402 - a sibling script, not a package
 import roofline  # noqa: E402
 
-from sgengine.training.checkpoint import atomic_write  # noqa: E402
+from sgengine.common.io import atomic_write  # noqa: E402
 
 DATA_NAME = "tiny-imagenet-dev-32.tar.gz"
 LOG_CHARS = 1_000_000  # of each command's output in runbook.log
