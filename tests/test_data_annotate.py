@@ -1,4 +1,4 @@
-"""Annotation reads full-resolution images (--feature-data); pixel features are computed in chunks."""
+"""Annotation reads full-resolution images (--feature_data, or an image folder given as --data); pixel features are computed in chunks."""
 import argparse
 
 import numpy as np
@@ -36,7 +36,10 @@ def test_features_read_the_source_at_the_extractor_size(tmp_path):
     from_src = feature_images(_args(feature_data=str(src)), train, _ViTLike())
     assert from_src.shape == (6, 3, 32, 32) and torch.equal(from_src, load_folder(src, 32, progress=False).images)
     assert torch.equal(feature_images(_args(feature_data=str(tmp_path / "p32")), train, _ViTLike()), from_src)
-    assert feature_images(_args(), train, _ViTLike()) is train.images  # no --feature-data: the training images
+    assert feature_images(_args(), train, _ViTLike()) is train.images  # a pack at the training size: its images
+    # an image folder as --data is itself the full-resolution source: decoded at the extractor's size
+    from_folder = feature_images(_args(data=str(src)), load_data(str(src), 8), _ViTLike())
+    assert torch.equal(from_folder, from_src)
     pack(src / "c0", tmp_path / "other", 32, workers=0, progress=False)
     with pytest.raises(ValueError, match="not the same 6 of --data"):
         feature_images(_args(feature_data=str(tmp_path / "other")), train, _ViTLike())

@@ -12,6 +12,7 @@ its input size), diffusion:<run_dir> (--layer, --t). Features are cached (--cach
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -97,19 +98,26 @@ def features_for(args, data: ImageData, device: torch.device) -> tuple[dict, dic
 
 
 def feature_images(args, data: ImageData, ext) -> torch.Tensor:
-    """What the extractor reads: --feature_data decoded at the extractor's size (full-resolution
-    sources, never the training images upsampled), else the training images."""
+    """What the extractor reads, never the training images upsampled when a full-resolution source
+    exists: --feature_data, else an image folder given as --data, decoded at the extractor's size;
+    only arrays and packs at the training size fall back to their own images (with a note)."""
     size = getattr(ext, "size", (args.size,))[0]
-    if not args.feature_data:
+    source = args.feature_data or (args.data if _image_folder(args.data) and size != args.size else "")
+    if not source:
         if size > data.images.shape[-1] and not args.quiet:
-            print(f"note: features from {data.images.shape[-1]}-px images upsampled to {size}; pass --feature-data "
+            print(f"note: features from {data.images.shape[-1]}-px images upsampled to {size}; pass --feature_data "
                   f"(the source folder, or python -m sgengine.data pack SRC OUT --size {size})", file=sys.stderr)
         return data.images
-    feat = load_data(args.feature_data, size, args.channels, progress=not args.quiet)
+    feat = load_data(source, size, args.channels, progress=not args.quiet)
     if len(feat) != len(data) or (feat.names and data.names and feat.names != data.names):
-        raise ValueError(f"--feature-data {args.feature_data} holds {len(feat)} images, not the same {len(data)} "
+        raise ValueError(f"--feature_data {source} holds {len(feat)} images, not the same {len(data)} "
                          f"of --data {args.data} in the same order: pack both from one source")
     return feat.images
+
+
+def _image_folder(path: str) -> bool:
+    """A folder of image files (a source), not a pack (which holds manifest.json)."""
+    return os.path.isdir(path) and not os.path.exists(os.path.join(path, "manifest.json"))
 
 
 def _provides(ext) -> tuple[str, ...]:
