@@ -17,7 +17,7 @@ from .data import read_image
 from .data.latents import to_images
 from .device import resolve_device
 from .guidance.attach import list_attention_layers
-from .sampling import grid_clusters, load_generator, sample
+from .sampling import generator_at, grid_clusters, sample
 from .checkpoint import load_meta, resolve_checkpoint
 from .common.flags import Count, FlagParser, NonNeg, NonNegInt, add_typed
 from .common.paths import check_writable
@@ -62,11 +62,11 @@ def _rows(gen, args) -> tuple[torch.Tensor | None, int]:
     return torch.tensor(clusters).repeat_interleave(per_row), len(clusters)
 
 
-def _online(args, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _online(args, ckpt: Path, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Samples of an online self-guidance run, by prototype id or by an exemplar's prototype."""
-    from .online.trainer import load_online, prototype_of_exemplar, sample_prototypes, top_prototypes
+    from .online.trainer import online_at, prototype_of_exemplar, sample_prototypes, top_prototypes
 
-    gen = load_online(args.ckpt, device)
+    gen = online_at(ckpt, device)
     if args.like:
         m = gen.gen.cfg.uvit
         pid = prototype_of_exemplar(gen, torch.from_numpy(read_image(Path(args.like), m.img_size, m.in_channels)),
@@ -86,15 +86,6 @@ def _sag(args) -> dict:
             "sag_blur": args.sag_blur, "sag_window": args.sag_window}
 
 
-def gen_cfg_data(path) -> str:
-    """The --data of the run at ``path`` (a latent pack: its samples are decoded with the pack's VAE)."""
-    return load_meta(resolve_checkpoint(path))["config"].get("data", "")
-
-
-def _is_online(path) -> bool:
-    return bool(load_meta(resolve_checkpoint(path))["config"].get("online", {}).get("enabled"))
-
-
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -103,15 +94,18 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(args.device)
         check_args(args)
-        if _is_online(args.ckpt) and not args.list_layers:
+        ckpt = resolve_checkpoint(args.ckpt)  # checks every file's checksum: once, not per loader
+        run = load_meta(ckpt)["config"]
+        if run.get("online", {}).get("enabled") and not args.list_layers:
             if args.clusters:
                 raise ValueError("--clusters names clusters of self-labels; an online run has prototypes: "
                                  "use --prototypes (or --like IMAGE)")
-            x, ids, rows = _online(args, device)
-            return _write(to_images(x, gen_cfg_data(args.ckpt)), ids, rows, args.out)
+            x, ids, rows = _online(args, ckpt, device)
+            # a latent pack's samples are decoded with the pack's VAE
+            return _write(to_images(x, run.get("data", "")), ids, rows, args.out)
         if args.like or args.prototypes:
             raise ValueError("--like and --prototypes need an online self-guidance run (--preset uvit-*-online)")
-        gen = load_generator(args.ckpt, device)
+        gen = generator_at(ckpt, device)
         if args.list_layers:
             print("\n".join(list_attention_layers(gen.net)))
             return 0

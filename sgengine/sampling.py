@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -76,7 +77,12 @@ class Generator:
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu", which: str = "ema") -> Generator:
     """Load a run folder or checkpoint folder written by ``sgengine.train``."""
-    ckpt = resolve_checkpoint(path)
+    return generator_at(resolve_checkpoint(path), device, which)
+
+
+def generator_at(ckpt: Path, device: str | torch.device = "cpu", which: str = "ema") -> Generator:
+    """The generator of a step folder that ``resolve_checkpoint`` returned: it has checked every file's
+    checksum once, so this does not read the weights a second time for that."""
     meta = load_meta(ckpt)
     cfg = from_dict(meta["config"])
     obj = make_objective(cfg)

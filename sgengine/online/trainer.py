@@ -34,7 +34,7 @@ import torch
 
 from ..data.latents import to_images
 from ..eval.cluster import cluster_report
-from ..sampling import Generator, load_generator, sample
+from ..sampling import Generator, generator_at, sample
 from ..common import ranks
 from ..checkpoint import load_meta, resolve_checkpoint
 from ..training.trainer import Trainer
@@ -72,8 +72,12 @@ class OnlineGenerator:
 
 def load_online(path, device="cpu") -> OnlineGenerator:
     """A run folder or checkpoint of an online run: EMA network, clustering and usage."""
-    ckpt = resolve_checkpoint(path)
-    gen = load_generator(ckpt, device)
+    return online_at(resolve_checkpoint(path), device)
+
+
+def online_at(ckpt, device="cpu") -> OnlineGenerator:
+    """``load_online`` of a step folder already resolved (and so verified) by ``resolve_checkpoint``."""
+    gen = generator_at(ckpt, device)
     if not gen.cfg.online.enabled:
         raise ValueError(f"{ckpt} is not an online self-guidance run; sample it with sgengine.sample")
     clustering = load_clustering(ckpt, OnlineClustering(gen.cfg.uvit.dim, gen.cfg.online)).to(device).eval()
