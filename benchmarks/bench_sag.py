@@ -2,8 +2,11 @@
 
 Run: ``python -m pytest benchmarks/bench_sag.py --benchmark-only -q``.
 
-attention_with_key_mass, bfloat16, 8 heads, D=64, N = 1024 / 4096 / 16384 with B = 16 / 16 / 4.
-Providers: "sgengine" (flash forward saving the log-sum-exp + key-block mass pass, Triton),
+attention_with_key_mass, bfloat16, 8 heads, D=64, N = 1024 / 4096 / 16384 with B = 16 / 16 / 4,
+and SAG's sampling sizes B=2: N=256 with D=128 / 160 (Stable Diffusion's mid block) and N=1024
+D=64. Providers: "sgengine" (flash forward saving the log-sum-exp + key-block mass pass, Triton;
+at B=2 N=256 the forward splits its keys over 4 chunks and merges them, flash-decoding style),
+"sgengine-one-pass" (the same with the key split off: what the split buys on a small grid),
 "sdpa" (``F.scaled_dot_product_attention`` alone: the output without the mass, the floor) and
 "materialised" (softmax(QK^T) stored, out = A V, mass = column sums: what public SAG code does).
 Targets on one H100: time <= 2x SDPA, and extra memory O(B*N) (lse + mass), i.e. peak memory
@@ -28,10 +31,20 @@ from sgengine.kernels._budget import rounding_floor
 from sgengine.kernels.attention_key_mass import attention_with_key_mass, attention_with_key_mass_ref
 from sgengine.kernels.sag_degrade import sag_degrade, sag_degrade_ref
 
-HEADS, HEAD_DIM = 8, 64
-ATTN_SHAPES = sizes([(16, 1024), (16, 4096), (4, 16384)], (1, 64))  # (B, N)
+HEADS = 8
+ATTN_SHAPES = sizes([(16, 1024, 64), (16, 4096, 64), (4, 16384, 64), (2, 256, 128), (2, 256, 160),
+                     (2, 1024, 64)], (1, 64, 64))  # (B, N, D)
+
+
+def _one_pass(q, k, v):
+    from sgengine.kernels._attention_key_mass_triton import launch  # Triton only when it runs
+
+    return launch(q, k, v, q.shape[-1] ** -0.5, k_chunk=k.shape[2])
+
+
 ATTN_PROVIDERS = {
     "sgengine": lambda q, k, v: attention_with_key_mass(q, k, v, backend="triton"),
+    "sgengine-one-pass": _one_pass,
     "sdpa": F.scaled_dot_product_attention,
     "materialised": attention_with_key_mass_ref,
 }
@@ -46,10 +59,10 @@ def _warm_up_or_skip(fn, *args):
         pytest.skip("out of device memory (the O(B*H*N^2) attention map)")
 
 
-@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: f"B{s[0]}-N{s[1]}")
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: f"B{s[0]}-N{s[1]}-D{s[2]}")
 @pytest.mark.parametrize("provider", list(ATTN_PROVIDERS))
 def test_attention_key_mass(benchmark, provider, shape):
-    B, N = shape
+    B, N, HEAD_DIM = shape
     dtype = torch.bfloat16
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, HEADS, N, HEAD_DIM, device=DEVICE, dtype=dtype) for _ in range(3))
@@ -62,7 +75,7 @@ def test_attention_key_mass(benchmark, provider, shape):
     # Forward: QK^T and PV, 2 * N * N * D multiply-adds each per (batch, head): 4*B*H*N^2*D.
     # Mass pass (sgengine only): QK^T recomputed, 2*B*H*N^2*D, counted separately.
     work = roofline.attention(B, HEADS, N, HEAD_DIM, q.element_size(), mass=provider != "sdpa")
-    mass_flop = 2 * B * HEADS * N * N * HEAD_DIM if provider == "sgengine" else 0
+    mass_flop = 2 * B * HEADS * N * N * HEAD_DIM if provider.startswith("sgengine") else 0
     record(benchmark, work, provider=provider, B=B, H=HEADS, N=N, D=HEAD_DIM, dtype=str(dtype),
            peak_memory_gb=peak_gb, forward_tflop_per_s=per_second(work.flops, benchmark, 1e12),
            total_tflop_per_s=per_second(work.flops + mass_flop, benchmark, 1e12))

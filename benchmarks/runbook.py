@@ -222,8 +222,8 @@ KERNELS = ["bench_sag.py", "bench_sinkhorn.py", "bench_kmeans.py"]
 # Kernel against baselines, one step per family on a GPU: (name, what, file, -k always, -k on a GPU
 # for SPEC section 5's sizes, time box). The smoke run takes them in one pytest process.
 FAMILIES = [
-    ("attention", "attention + key mass vs SDPA and the materialised map, N = 1k / 4k", "bench_sag.py",
-     "test_attention_key_mass", "not N16384", 60),
+    ("attention", "attention + key mass vs SDPA and the materialised map, N = 1k / 4k; B=2 N=256 split "
+     "vs one pass", "bench_sag.py", "test_attention_key_mass", "not N16384", 90),
     ("k-means", "Lloyd iteration N=1M d=768 K=10k vs chunked fp32 / tf32 PyTorch", "bench_kmeans.py",
      "test_lloyd_iteration", "N1000000", 60),
     ("Sinkhorn", "Sinkhorn 512x5000 / 1024x10000 / 4096x10000 vs SwAV, eager and compiled", "bench_sinkhorn.py",

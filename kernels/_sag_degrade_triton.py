@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common.gpus import ONE_WAVE
 from ._backend import interpreter_on
 from ._tl import round_cast
 
@@ -112,7 +113,7 @@ def _sag_degrade_kernel(X0, Eps, Mass, A, Bcoef, Out,
 
 
 # Programs a launch aims for: two waves of an H100's 132 SMs (A100 108, A5000 64).
-_MIN_PROGRAMS = 264
+_MIN_PROGRAMS = 2 * ONE_WAVE
 
 
 def _tile_extent(n: int, r: int, sides: tuple) -> int:

@@ -12,8 +12,11 @@ why they can only afford the lowest-resolution attention layer. Here (``_attenti
 imported only when the Triton path runs), a flash-attention forward writes the output and the
 per-row log-sum-exp, and a second pass recomputes p = exp(q k^T * scale - lse) by key block and
 sums it over queries in registers, split over heads and query chunks with a fixed-order final
-sum. Nothing of size Nq x Nk is stored, and no atomics are used, so the mass is deterministic.
-Extra memory: O(B*H*Nq + splits*B*Nk).
+sum. When the query blocks alone cannot fill the GPU (SAG while sampling: B=2, N=256), the
+forward splits the keys into chunks too and merges the chunks' outputs by their log-sum-exps,
+again in a fixed order. Nothing of size Nq x Nk is stored, and no atomics are used, so output
+and mass are deterministic. Extra memory: O(B*H*Nq + splits*B*Nk), plus chunks*B*H*Nq*D fp32
+on a key-split forward (small grids only).
 
 Forward only (guidance runs under ``torch.no_grad``).
 """

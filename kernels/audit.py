@@ -35,12 +35,14 @@ from unittest import mock
 import torch
 
 from . import attention_with_key_mass, kmeans_assign, sag_degrade, sinkhorn
+from ..common.gpus import GPUS
 from ._capture import capture, fake_cuda
 from ._cubin import MMA_FAMILIES, SHARED_LIMIT, compile_and_read, compile_key, config_text, specialise
 
 TARGETS = (80, 86, 89, 90)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SMS = {"A5000": 64, "A100": 108, "H100": 132}  # streaming multiprocessors
+# Streaming multiprocessors of each target GPU (the H200 has the H100's 132).
+SMS = {key: GPUS[key].sms for key in ("A5000", "A100", "H100")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,36 @@ def test_output_equals_sdpa(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_split_forward_matches_one_pass(dtype):
+    # Flash-decoding split: key chunks merged by the combine kernel. Peaky logits (q * 4) put
+    # most of a row's mass in one chunk, so the combine's max shift matters.
+    from sgengine.kernels._attention_key_mass_triton import launch
+
+    q, k, v = make_qkv(1, 2, 100, 217, 64, dtype)
+    q = q * 4
+    out64, mass64 = truth(q, k, v)
+    ref_out, ref_mass = attention_with_key_mass_ref(q, k, v)
+    for k_chunk in (217, 64, 37):  # one pass; 4 chunks; 6 chunks of which the last has 32 keys
+        out, mass = launch(q, k, v, 64 ** -0.5, k_chunk=k_chunk)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        if dtype == torch.float32:
+            assert max_err(out, out64) <= 1e-5 and max_err(mass, mass64) <= 1e-5 * mass64.max().item()
+        else:
+            assert within_budget(out, ref_out, out64, 1e-3)
+            assert within_budget(mass, ref_mass, mass64, 1e-5)
+
+
+def test_key_chunks_fill_one_wave_and_no_more():
+    from sgengine.kernels._attention_key_mass_triton import key_chunk
+
+    # SAG at B=2, H=8, N=256 with 64-row tiles: 64 programs -> 4 chunks of 64 keys (256 programs).
+    assert key_chunk(2 * 8 * 4, 256) == 64
+    assert key_chunk(2 * 8 * 16, 1024) == 1024  # 256 programs fill a wave already: one pass
+    assert key_chunk(5 * 2, 77) == 64  # never more chunks than 64-key blocks
+    assert key_chunk(1, 20_000) == 128  # one program: 157 chunks of 128 keys, over one wave
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_self_attention_mass_averages_to_one(backend, dtype):
     q, k, v = make_qkv(3, 4, 150, 150, 32, dtype)

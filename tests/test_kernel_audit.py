@@ -80,3 +80,13 @@ def test_tensor_cores(audit):
     assert {r["op"] for r in wgmma} == {"attention_with_key_mass", "kmeans_assign"}
     no_wgmma = [r for r in wgmma if r["mma"] != "HGMMA"]
     assert not no_wgmma, "sm_90 without wgmma:\n" + _show(no_wgmma, "mma")
+
+
+def test_small_batch_launches_fill_one_wave(audit):
+    # Issue 11: at sampling batches (<= 4) every launch fills at least one wave of SMs on the
+    # A5000, A100 and H100 (the attention forward splits its keys; the key mass its queries).
+    small = [o for o in audit["occupancy"] if o["batch"] <= 4]
+    assert {o["op"] for o in small} >= {"attention_with_key_mass", "sag_degrade"}
+    under = [o for o in small if o["under_one_wave"]]
+    assert not under, "\n".join(f"{o['op']} {o['shape']} {o['kernel']} {o['dtype']}: "
+                                f"{o['programs_min']} programs" for o in under)

@@ -24,21 +24,21 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..common.flags import Count, FlagParser, Positive, add_typed
+from ..common.gpus import gpu_for
 from ..config import TrainConfig, build_parser, parse_args
 from ..diffusion.objectives import build_network
 from .trainer import Trainer
 
-# Dense bf16 tensor-core peaks (vendor spec sheets, FLOP/s). SPEC section 5 measured ~800 TFLOP/s on the H100.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 SYNTHETIC_K = 1000  # label classes of the synthetic data (ImageNet's)
 
 
 def detect_peak(device: torch.device) -> float | None:
-    """The bf16 peak of a known GPU, or None (MFU is then not reported)."""
+    """The dense bf16 peak of a GPU in sgengine.common.gpus (A5000, A100 80GB, H100 SXM, H200),
+    or None (MFU is then not reported: a wrong peak would be worse than none)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    gpu = gpu_for(torch.cuda.get_device_name(device))
+    return gpu.bf16 if gpu else None
 
 
 def synthetic_config(cfg: TrainConfig, root: Path, n: int = 2048) -> TrainConfig:
