@@ -6,7 +6,7 @@ attention_with_key_mass, bfloat16, 8 heads, D=64, N = 1024 / 4096 / 16384 with B
 and SAG's sampling sizes B=2: N=256 with D=128 / 160 (Stable Diffusion's mid block) and N=1024
 D=64. Providers: "sgengine" (flash forward saving the log-sum-exp + key-block mass pass, Triton;
 at B=2 N=256 the forward splits its keys over 4 chunks and merges them, flash-decoding style),
-"sgengine-one-pass" (the same with the key split off: what the split buys on a small grid),
+"one-pass" (the same with the key split off: what the split buys on a small grid),
 "sdpa" (``F.scaled_dot_product_attention`` alone: the output without the mass, the floor) and
 "materialised" (softmax(QK^T) stored, out = A V, mass = column sums: what public SAG code does).
 Targets on one H100: time <= 2x SDPA, and extra memory O(B*N) (lse + mass), i.e. peak memory
@@ -44,7 +44,7 @@ def _one_pass(q, k, v):
 
 ATTN_PROVIDERS = {
     "sgengine": lambda q, k, v: attention_with_key_mass(q, k, v, backend="triton"),
-    "sgengine-one-pass": _one_pass,
+    "one-pass": _one_pass,
     "sdpa": F.scaled_dot_product_attention,
     "materialised": attention_with_key_mass_ref,
 }
@@ -75,7 +75,7 @@ def test_attention_key_mass(benchmark, provider, shape):
     # Forward: QK^T and PV, 2 * N * N * D multiply-adds each per (batch, head): 4*B*H*N^2*D.
     # Mass pass (sgengine only): QK^T recomputed, 2*B*H*N^2*D, counted separately.
     work = roofline.attention(B, HEADS, N, HEAD_DIM, q.element_size(), mass=provider != "sdpa")
-    mass_flop = 2 * B * HEADS * N * N * HEAD_DIM if provider.startswith("sgengine") else 0
+    mass_flop = 2 * B * HEADS * N * N * HEAD_DIM if provider in ("sgengine", "one-pass") else 0
     record(benchmark, work, provider=provider, B=B, H=HEADS, N=N, D=HEAD_DIM, dtype=str(dtype),
            peak_memory_gb=peak_gb, forward_tflop_per_s=per_second(work.flops, benchmark, 1e12),
            total_tflop_per_s=per_second(work.flops + mass_flop, benchmark, 1e12))

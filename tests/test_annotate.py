@@ -118,6 +118,9 @@ def test_final_head_loss_is_the_mean_pair_loss_with_the_data_prior():
     a, b = torch.arange(37).repeat_interleave(4), nbrs.reshape(-1)
     want, _ = temi_loss(t[:, a], t[:, b], t[:, a], t[:, b], prior, TEMIConfig(prior_momentum=1.0))
     torch.testing.assert_close(final_head_loss(heads, x, nbrs, cfg, batch_size=8), want)
+    # Heads a group at a time (here one: the memory cap is a byte), as at ImageNet scale.
+    torch.testing.assert_close(final_head_loss(heads, x, nbrs, cfg, batch_size=8, max_bytes=1), want)
+    torch.testing.assert_close(heads(x, slice(1, 3)), t[1:3])
 
 
 def test_temi_schedules_scale_with_the_run():

@@ -1,8 +1,9 @@
 """The compile audit on CPU (issue 11): every Triton kernel, as its launcher really launches it
 (every autotune config, every fixed launch, every accepted dtype), compiled for sm_80, sm_86,
 sm_89 and sm_90 with no GPU. No selectable config may spill or touch local memory or exceed the
-target's shared memory, and 16-bit matmul kernels must use the tensor cores (wgmma on sm_90 for
-the attention forward and the k-means assignment).
+target's shared memory, 16-bit matmul kernels must use the tensor cores (wgmma on sm_90 for
+the attention forward and the k-means assignment), and every launch at a batch <= 4 must fill one
+wave of SMs on the A5000, A100 and H100.
 
 One audit run (``python -m sgengine.kernels.audit``, compiles in parallel) serves every test; it
 runs in a subprocess because tests/conftest.py turns the Triton interpreter on.

@@ -113,6 +113,15 @@ def test_stage_switch_copies_the_live_network_into_ema(tmp_path):
     assert cond["y"].shape == (32, tr.cfg.uvit.dim) and cond["null"].dtype == torch.bool
 
 
+def test_every_batch_after_the_first_is_prefetched_in_both_stages(tmp_path):
+    # Stage 2's condition drops come from the step's own draw, so the loader's look-ahead at the
+    # next indices holds across the switch and across micro-steps.
+    tr = OnlineTrainer(tiny(tmp_path, steps=4, grad_accum=2, batch_size=8), log=lambda *a: None)
+    for _ in range(4):
+        tr.train_step()
+    assert tr.step == 4 > tr.switch_step and (tr.loader.hits, tr.loader.misses) == (7, 1)
+
+
 def test_stage_one_is_unconditional_and_prototypes_stay_unit_norm(tmp_path):
     tr = OnlineTrainer(tiny(tmp_path, steps=6), log=lambda *a: None)
     assert tr.batch()[1] == {}  # y=None: the null token for every sample

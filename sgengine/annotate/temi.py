@@ -107,10 +107,12 @@ class TEMIHeads(nn.Module):
     def last_layer(self) -> list[nn.Parameter]:
         return [self.v, self.g]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(torch.baddbmm(self.b1, x.expand(self.w1.shape[0], -1, -1), self.w1))
-        z = F.normalize(torch.baddbmm(self.b2, h, self.w2), dim=-1)
-        w = self.g * F.normalize(self.v, dim=-1)  # weight norm: w = g v / ||v|| (Salimans & Kingma 2016)
+    def forward(self, x: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """x (B, d) -> logits (H, B, C) of every head, or of the heads in the slice ``heads``."""
+        w1, b1, w2, b2, v, g = (p[heads] for p in (self.w1, self.b1, self.w2, self.b2, self.v, self.g))
+        h = F.gelu(torch.baddbmm(b1, x.expand(w1.shape[0], -1, -1), w1))
+        z = F.normalize(torch.baddbmm(b2, h, w2), dim=-1)
+        w = g * F.normalize(v, dim=-1)  # weight norm: w = g v / ||v|| (Salimans & Kingma 2016)
         return torch.bmm(z, w.transpose(1, 2))
 
 
@@ -122,14 +124,24 @@ def temi_loss(s1, s2, t1, t2, prior: torch.Tensor, cfg: TEMIConfig):
         lt1, lt2 = F.log_softmax(t1 / tau, -1), F.log_softmax(t2 / tau, -1)
         batch = torch.cat([lt1, lt2], dim=1).exp().mean(1)
         prior = cfg.prior_momentum * prior + (1 - cfg.prior_momentum) * batch
-        w = (lt1 + lt2).exp().sum(-1).mean(0)  # (B,): teacher agreement of the pair, mean over heads
+        w = _agreement(lt1, lt2).mean(0)  # (B,): teacher agreement of the pair, mean over heads
         log_prior = prior.log()[:, None]
 
     def pmi(s, lt):
-        return -torch.logsumexp(cfg.beta * (F.log_softmax(s / tau, -1) + lt) - log_prior, dim=-1)
+        return _pmi(F.log_softmax(s / tau, -1), lt, log_prior, cfg.beta)
 
     loss = 0.5 * (w * pmi(s1, lt2)).mean(-1) + 0.5 * (w * pmi(s2, lt1)).mean(-1)
     return loss, prior
+
+
+def _agreement(lt1: torch.Tensor, lt2: torch.Tensor) -> torch.Tensor:
+    """w per head (H, B) = sum_k q_t(x)_k q_t(x')_k, from teacher log-probabilities (H, B, C)."""
+    return (lt1 + lt2).exp().sum(-1)
+
+
+def _pmi(ls: torch.Tensor, lt: torch.Tensor, log_prior: torch.Tensor, beta: float) -> torch.Tensor:
+    """-log sum_k (q_s q_t)^beta / p_k per head and pair (H, B), from log-probabilities (eq. 6)."""
+    return -torch.logsumexp(beta * (ls + lt) - log_prior, dim=-1)
 
 
 def _schedules(cfg: TEMIConfig, it: int, total: int, per_epoch: int, batch: int) -> tuple[float, float]:
@@ -154,25 +166,64 @@ def _ema(teacher: nn.Module, student: nn.Module, m: float) -> None:
 @torch.no_grad()
 def assign(heads: TEMIHeads, x: torch.Tensor, head: int, batch_size: int = 4096) -> torch.Tensor:
     """Cluster ids (N,) of L2-normalised features x from one head (argmax of its logits)."""
-    return torch.cat([heads(x[i:i + batch_size])[head].argmax(-1) for i in range(0, len(x), batch_size)])
+    one = slice(head, head + 1)
+    return torch.cat([heads(x[i:i + batch_size], one)[0].argmax(-1) for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
 def final_head_loss(heads: TEMIHeads, x: torch.Tensor, nbrs: torch.Tensor, cfg: TEMIConfig,
-                    batch_size: int = 1024) -> torch.Tensor:
+                    batch_size: int = 1024, max_bytes: int = 1 << 30) -> torch.Tensor:
     """Per-head TEMI loss (H,) of the trained heads that give the clusters, over every (x, neighbour)
     pair, with p_k their mean probability over the data: the head-selection criterion. The running
     training loss mixes a moving student, an EMA prior and a few noisy batches (on 8 blobs it picked
-    a head that merged two blobs over heads that found all eight)."""
-    logits = torch.cat([heads(x[i:i + batch_size]) for i in range(0, len(x), batch_size)], dim=1)
-    prior = F.softmax(logits / cfg.temperature, -1).mean(1)
-    fixed = dataclasses.replace(cfg, prior_momentum=1.0)  # p_k stays the data mean
-    total, rows = torch.zeros(logits.shape[0], device=x.device), max(batch_size // nbrs.shape[1], 1)
-    for i in range(0, len(x), rows):
-        a = torch.arange(i, min(i + rows, len(x)), device=x.device).repeat_interleave(nbrs.shape[1])
-        b = nbrs[i:i + rows].reshape(-1)
-        total += temi_loss(logits[:, a], logits[:, b], logits[:, a], logits[:, b], prior, fixed)[0] * len(a)
-    return total / nbrs.numel()
+    a head that merged two blobs over heads that found all eight).
+
+    The heads' log-probabilities over the data are held a group of heads at a time, at most
+    ``max_bytes`` (one head at least): (H, N, C) fp32 is 3.2 GB at N=50k, C=1000, H=16. The pair
+    weight w averages over every head, so with several groups a first pass gathers it."""
+    n_heads, clusters = heads.v.shape[:2]
+    per_group = max(1, max_bytes // (4 * len(x) * clusters))
+    groups = [slice(h, min(h + per_group, n_heads)) for h in range(0, n_heads, per_group)]
+    # One group's tensors live only inside one call below: never two groups at once.
+    probs = lambda g: held or _log_probs(heads, x, g, cfg.temperature, batch_size)  # noqa: E731
+    held = _log_probs(heads, x, groups[0], cfg.temperature, batch_size) if len(groups) == 1 else None
+    # Pass 1: w of each pair, a mean over every head; pass 2: eq. 6 per head with the teacher on
+    # both sides (q_s = q_t) and p_k the data mean.
+    w = sum(_pair_agreement(probs(g)[0], nbrs, batch_size) for g in groups) / n_heads
+    losses = [_pair_loss(*probs(g), w, nbrs, cfg.beta, batch_size) for g in groups]
+    return torch.cat(losses) / nbrs.numel()
+
+
+def _pair_agreement(lt: torch.Tensor, nbrs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """sum over heads of w (N * k,) for every (x, neighbour) pair, from log q (g, N, C)."""
+    return torch.cat([_agreement(lt[:, a], lt[:, b]).sum(0) for _, a, b in _pair_blocks(nbrs, batch_size)])
+
+
+def _pair_loss(lt, log_prior, w, nbrs, beta: float, batch_size: int) -> torch.Tensor:
+    """sum over pairs of w * pmi per head (g,), from log q (g, N, C) and log p_k (g, 1, C)."""
+    return sum((w[at] * _pmi(lt[:, a], lt[:, b], log_prior, beta)).sum(-1)
+               for at, a, b in _pair_blocks(nbrs, batch_size))
+
+
+def _log_probs(heads: TEMIHeads, x: torch.Tensor, group: slice, tau: float, batch_size: int):
+    """log q (g, N, C) of the heads in ``group`` over all of x, filled a batch at a time (no
+    second copy), and log p_k (g, 1, C), p_k the mean of q over the data."""
+    first = F.log_softmax(heads(x[:batch_size], group) / tau, -1)
+    lt = first.new_empty((first.shape[0], len(x), first.shape[2]))
+    prob_sum = torch.zeros_like(first[:, 0])
+    for i in range(0, len(x), batch_size):
+        lt[:, i:i + batch_size] = first if i == 0 else F.log_softmax(heads(x[i:i + batch_size], group) / tau, -1)
+        prob_sum += lt[:, i:i + batch_size].exp().sum(1)
+    return lt, (prob_sum / len(x)).log()[:, None]
+
+
+def _pair_blocks(nbrs: torch.Tensor, batch_size: int):
+    """(slice of nbrs.reshape(-1), x indices, neighbour indices) of ~batch_size pairs a block."""
+    k = nbrs.shape[1]
+    rows = max(batch_size // k, 1)
+    for i in range(0, len(nbrs), rows):
+        a = torch.arange(i, min(i + rows, len(nbrs)), device=nbrs.device).repeat_interleave(k)
+        yield slice(i * k, i * k + len(a)), a, nbrs[i:i + rows].reshape(-1)
 
 
 class _Trainer:

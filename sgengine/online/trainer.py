@@ -37,6 +37,7 @@ from ..eval.cluster import cluster_report
 from ..sampling import Generator, generator_at, sample
 from ..common import ranks
 from ..checkpoint import load_meta, resolve_checkpoint
+from ..training.distributed import shard_slice
 from ..training.trainer import Trainer
 from ..viz import plot_bars, save_grid
 from .clustering import (CLUSTERING_FILE, OnlineClustering, load_clustering, prototype_cond, prototype_ids,
@@ -175,6 +176,14 @@ class OnlineTrainer(Trainer):
     def stage(self) -> int:
         return 1 if self.step < self.switch_step else 2
 
+    def _draw(self) -> None:
+        """The base draws, then in stage 2 the global batch's condition drops (p_drop), from the
+        same generator in the same call: identical on every rank, and no draw lands between the
+        loader's look-ahead at the next step's indices and that step (every batch prefetched)."""
+        super()._draw()
+        drop = torch.rand(self.global_batch, generator=self.g) < self.cfg.online.p_drop
+        self._drops = drop if self.stage == 2 else None
+
     def batch(self, micro: int = 0):
         x, _ = super().batch(micro)  # base draws (indices, its dropout, flips); condition 'none': no cond
         if self.stage == 1:
@@ -183,7 +192,7 @@ class OnlineTrainer(Trainer):
             self.ema.load_state_dict(self.net.state_dict())  # the switch: EMA restarts from the live net
         ids = prototype_ids(self.ema, self.clustering, x, self.g_dev)
         self.usage += ranks.sum_over_ranks(torch.bincount(ids.reshape(-1), minlength=self.usage.numel())).cpu()
-        drop = torch.rand(x.shape[0], generator=self.g) < self.cfg.online.p_drop
+        drop = self._drops[shard_slice(self.cfg.batch_size, micro, self.dist)]
         return x, {**prototype_cond(self.clustering, ids, self.device), "null": drop.to(self.device)}
 
     def _loss(self, net, x, generator=None, **cond) -> torch.Tensor:
