@@ -41,3 +41,23 @@ def torchrun(script: str, *args, timeout: int = 240) -> subprocess.CompletedProc
     proc = subprocess.run(cmd, cwd=here.parent, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+def assert_resume_is_exact(make, cfg, kill_at: int):
+    """Train ``cfg`` straight, and again stopped after step ``kill_at`` (a finished run, checkpoint
+    at ``kill_at``) then continued with resume=True, under ``cfg.out``/straight and /killed: the
+    net and EMA weights must agree bit for bit. ``make``: the trainer class. Returns both trainers."""
+    import dataclasses
+
+    out = Path(cfg.out)
+    straight = make(dataclasses.replace(cfg, out=str(out / "straight"), ckpt_every=kill_at))
+    straight.run()
+    make(dataclasses.replace(cfg, out=str(out / "killed"), steps=kill_at, ckpt_every=kill_at)).run()
+    resumed = make(dataclasses.replace(cfg, out=str(out / "killed"), ckpt_every=kill_at, resume=True))
+    assert resumed.step == kill_at
+    resumed.run()
+    for mod in ("net", "ema"):
+        want, got = getattr(straight, mod).state_dict(), getattr(resumed, mod).state_dict()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    return straight, resumed

@@ -148,3 +148,39 @@ def test_train_cli_refuses_bad_arrays_in_one_line(tmp_path, capsys, array, messa
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and re.search(message, err)
     assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def _posterior(mean: torch.Tensor, std: torch.Tensor) -> ImageData:
+    """ImageData as open_pack gives for a posterior pack: NCHW views of NHWC fp16 rows (mean, std)."""
+    rows = torch.cat([mean, std], 1).half().permute(0, 2, 3, 1).contiguous()
+    moments = rows.permute(0, 3, 1, 2)
+    return ImageData(moments[:, :mean.shape[1]], moments=moments)
+
+
+def test_loader_draws_the_posterior_with_the_right_moments():
+    mean = torch.tensor([-1.5, 0.25, 3.0, 0.0]).view(1, 2, 2, 1).expand(2, 2, 2, 2) + torch.arange(2.0).view(2, 1, 1, 1)
+    std = torch.tensor([0.0, 0.5, 1.0, 2.0]).view(1, 1, 2, 2).expand(2, 2, 2, 2).contiguous()
+    data, n = _posterior(mean, std), 4000
+    loader = BatchLoader(data, torch.device("cpu"))
+    idx = torch.arange(2).repeat_interleave(n)
+    loader.prefetch([idx])  # gathers all 4 stored channels; the draw comes after the copy
+    z = loader.get(idx, torch.Generator().manual_seed(0)).view(2, n, 2, 2, 2)
+    assert loader.hits == 1 and z.dtype == torch.float32
+    m, s = mean.half().float(), std.half().float()
+    # 6 standard errors (fixed seed: deterministic; a 6-sigma miss would be a real bias)
+    assert ((z.mean(1) - m).abs() <= 6 * s / n ** 0.5 + 1e-6).all()
+    assert ((z.std(1) - s).abs() <= 6 * s / (2 * n) ** 0.5 + 1e-6).all()
+    assert torch.equal(z[:, :, :, 0, 0], m[:, None, :, 0, 0].expand(2, n, 2))  # std 0: exactly the mean
+    again = loader.get(idx, torch.Generator().manual_seed(0)).view(2, n, 2, 2, 2)
+    assert torch.equal(again, z) and loader.misses == 1  # same generator state, same draw
+    with pytest.raises(ValueError, match="pass BatchLoader.get a generator"):
+        loader.get(idx)
+    assert torch.equal(data.batch(torch.tensor([1]), "cpu"), m[1:])  # no generator: the mean (features)
+    loader.close()
+
+
+def test_zero_std_draws_are_the_mean():
+    mean = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    loader = BatchLoader(_posterior(mean, torch.zeros_like(mean)), torch.device("cpu"))
+    assert torch.equal(loader.get(torch.tensor([2, 0]), torch.Generator().manual_seed(3)), mean.half().float()[[2, 0]])
+    loader.close()

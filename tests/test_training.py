@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_resume_is_exact
 from torch import nn
 
 from sgengine.config import parse_args, preset
@@ -50,17 +51,8 @@ def test_checkpoint_round_trip_gives_the_ema_weights(tmp_path):
 
 
 def test_resume_reaches_the_same_parameters(tmp_path):
-    straight = Trainer(_cfg(tmp_path / "a", steps=20, ckpt_every=10))
-    straight.run()
-    Trainer(_cfg(tmp_path / "b", steps=10, ckpt_every=10)).run()  # "killed" after step 10
-    resumed = Trainer(_cfg(tmp_path / "b", steps=20, ckpt_every=10, resume=True))
-    assert resumed.step == 10
-    resumed.run()
-    for mod in ("net", "ema"):
-        want, got = _params(getattr(straight, mod)), _params(getattr(resumed, mod))
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
-    steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl")]
+    _, resumed = assert_resume_is_exact(Trainer, _cfg(tmp_path, steps=20), kill_at=10)
+    steps = [r["step"] for r in read_jsonl(resumed.out / "metrics.jsonl")]
     assert steps == sorted(set(steps))  # no duplicated records after the resume
 
 

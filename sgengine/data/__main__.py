@@ -1,7 +1,7 @@
 """``python -m sgengine.data``: pack a source once, or encode a pack into latents.
 
     python -m sgengine.data pack SRC OUT --size 64 --workers 8        # folder, npz batches or tar shards
-    python -m sgengine.data encode OUT LATENTS --vae sd-vae-ft-ema    # 256-px pack -> 32x32x4 latents
+    python -m sgengine.data encode OUT LATENTS --vae sd-vae-ft-ema    # 256-px pack -> 32x32x4 latents (mean, std)
     python -m sgengine.train --data LATENTS ...                        # trains on the memory map
 
 Both resume when rerun with the same arguments after a kill.
@@ -33,6 +33,9 @@ def build_parser() -> FlagParser:
     en.add_argument("--vae", required=True, help="AutoencoderKL folder (config.json + weights) or weights file")
     add_typed(en, "--batch_size", Count, default=32, help="images per VAE forward")
     add_typed(en, "--scaling_factor", Positive | None, default=None, help="default: the VAE config's (SD: 0.18215)")
+    add_typed(en, "--posterior", Literal["mean_std", "mean"], default="mean_std",
+              help="mean_std: keep q(z|x)'s mean and std (training draws z = mean + std * eps each batch, as "
+                   "U-ViT / LDM / EDM2); mean: the mean only (the model always sees one latent per image)")
     en.add_argument("--device", default="auto")
     en.add_argument("--quiet", action="store_true")
     return p
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
         else:
             from .latents import encode
             encode(args.pack, args.out, args.vae, args.batch_size, args.device, args.scaling_factor,
-                   progress=not args.quiet)
+                   progress=not args.quiet, posterior=args.posterior)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

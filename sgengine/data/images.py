@@ -4,11 +4,13 @@
 packed.py), an image folder (decoded serially here: pack large ones), or an .npz/.npy array.
 Images are uint8 (N, C, H, W) and become floats in [-1, 1] on the training device one batch at
 a time; float arrays (latents) are kept as they are, with their dtype and per-channel statistics
-recorded (checks.py holds the array rules). Unreadable files in a folder are skipped, counted and
+recorded (checks.py holds the array rules). A posterior latent pack (mean and std of q(z|x))
+gives a fresh draw z = mean + std * eps per batch (``ImageData.floats``). Unreadable files in a folder are skipped, counted and
 reported; they never stop a run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from .decode import decode_image
 from .sources import IMAGE_SUFFIXES, READ_ERRORS, folder_labels, list_images
 
 __all__ = ["ImageData", "IMAGE_SUFFIXES", "list_images", "load_array", "load_data", "load_digits", "load_folder",
-           "read_image", "report_skipped", "to_float", "to_uint8"]
+           "posterior_draw", "read_image", "report_skipped", "to_float", "to_uint8"]
 
 
 @dataclass
@@ -36,14 +38,44 @@ class ImageData:
     names: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     manifest: dict | None = None
-    stats: dict | None = None  # dtype and per-channel mean / std of float data
+    stats: dict | None = None  # dtype and per-channel mean / std of float data (of the latent trained on)
+    # A posterior latent pack: (N, 2C, H, W), C mean then C std channels of q(z|x) (the stored rows);
+    # ``images`` is then a view of the mean, the deterministic latent (features, self-labels).
+    moments: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def batch(self, idx: torch.Tensor, device) -> torch.Tensor:
+    def stored(self) -> torch.Tensor:
+        """What batches are gathered from: the moments of a posterior pack, else the images."""
+        return self.images if self.moments is None else self.moments
+
+    def floats(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gathered rows of ``stored()`` -> floats: uint8 scaled to [-1, 1], float data as it is;
+        moments become a draw of q(z|x) with ``generator`` (on x's device), their mean without one."""
+        if self.moments is None:
+            return to_float(x)
+        c = self.images.shape[1]
+        return to_float(x[:, :c]) if generator is None else posterior_draw(x, generator)
+
+    def batch(self, idx: torch.Tensor, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """Floats on ``device``; uint8 travels as uint8 (4x smaller) and is scaled there."""
-        return to_float(self.images[idx.cpu()].to(device, non_blocking=True))
+        return self.floats(self.stored()[idx.cpu()].to(device, non_blocking=True), generator)
+
+    def to(self, device) -> ImageData:
+        """The same data with its rows on ``device`` (one copy; images stays a view of the moments)."""
+        if self.moments is None:
+            return dataclasses.replace(self, images=self.images.to(device))
+        moments = self.moments.to(device)
+        return dataclasses.replace(self, images=moments[:, :self.images.shape[1]], moments=moments)
+
+
+def posterior_draw(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """z = mean + std * eps, eps ~ N(0, I) from ``generator``, of moments (B, 2C, H, W): a sample
+    of q(z|x) per element, as U-ViT, LDM and EDM2 train on (float32, on the moments' device)."""
+    mean, std = moments.float().chunk(2, dim=1)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+    return torch.addcmul(mean, std, eps)
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -164,5 +196,6 @@ def report_skipped(data: ImageData, log=print) -> None:
     if data.skipped:
         log(f"skipped {len(data.skipped)} unreadable file(s); first: {data.skipped[0][0]} ({data.skipped[0][1]})")
     if data.stats is not None:
-        log(f"float data ({data.stats['dtype']}), used as it is: per-channel mean {data.stats['mean']}, "
+        how = "used as it is" if data.moments is None else "a posterior: each batch draws mean + std * eps"
+        log(f"float data ({data.stats['dtype']}), {how}: per-channel mean {data.stats['mean']}, "
             f"std {data.stats['std']}")

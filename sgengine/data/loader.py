@@ -6,7 +6,8 @@ those rows from the map (torch's gather releases the GIL) into page-locked buffe
 copies them to the GPU asynchronously. ``get`` checks that a prefetched batch is the one asked
 for (by its indices), else gathers synchronously: the prediction can only save time, never
 change a batch. Data already on the device (the uint8-on-GPU path for sets that fit) is
-indexed there directly.
+indexed there directly. A posterior latent pack's rows travel as stored (mean and std, float16)
+and the draw z = mean + std * eps happens on the device, with the caller's generator.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .images import ImageData, to_float
+from .images import ImageData
 
 
 class BatchLoader:
@@ -27,7 +28,7 @@ class BatchLoader:
 
     def _rows(self) -> tuple[torch.Tensor, bool]:
         """The tensor to gather from and whether it is an NCHW view of NHWC rows (a pack)."""
-        imgs = self.data.images
+        imgs = self.data.stored()
         nhwc = imgs.permute(0, 2, 3, 1)
         return (nhwc, True) if not imgs.is_contiguous() and nhwc.is_contiguous() else (imgs, False)
 
@@ -40,7 +41,7 @@ class BatchLoader:
 
     def prefetch(self, shards: list[torch.Tensor]) -> None:
         """Start gathering these index sets in the background (host data only)."""
-        if self.data.images.device.type != "cpu":
+        if self.data.stored().device.type != "cpu":
             return
         self.window = max(8, 2 * len(shards))
         for idx in shards:
@@ -48,11 +49,15 @@ class BatchLoader:
             if key not in self.pending:
                 self.pending[key] = self.pool.submit(self.gather, idx.cpu())
 
-    def get(self, idx: torch.Tensor) -> torch.Tensor:
-        """Floats (N, C, H, W) on the device: uint8 scaled to [-1, 1], float data as it is."""
-        imgs = self.data.images
+    def get(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Floats (N, C, H, W) on the device: uint8 scaled to [-1, 1], float data as it is, a
+        posterior pack's z = mean + std * eps with eps from ``generator`` (a generator on the device)."""
+        if self.data.moments is not None and generator is None:
+            raise ValueError("a posterior latent pack draws z = mean + std * eps per batch: pass "
+                             "BatchLoader.get a generator on the training device")
+        imgs = self.data.stored()
         if imgs.device.type != "cpu":  # the whole set sits on the GPU
-            return to_float(imgs[idx.to(imgs.device)])
+            return self.data.floats(imgs[idx.to(imgs.device)], generator)
         fut = self.pending.pop(idx.cpu().numpy().tobytes(), None)
         self.hits, self.misses = self.hits + (fut is not None), self.misses + (fut is None)
         rows = fut.result() if fut is not None else self.gather(idx)
@@ -60,7 +65,7 @@ class BatchLoader:
         if self._rows()[1]:
             x = x.permute(0, 3, 1, 2).contiguous()
         self._drop_stale()
-        return to_float(x)
+        return self.data.floats(x, generator)  # the draw after the copy: eps is made on the device
 
     def _drop_stale(self) -> None:
         """Forget predictions never asked for (e.g. a subclass drew more indices): bounded memory."""

@@ -3,14 +3,16 @@
 ``open_pack`` checks the pack against what the model takes (size, channels; for latents the
 VAE's channel count and the latent grid) and returns ImageData whose ``images`` is an NCHW view
 of the mapped NHWC rows: indexing a batch reads just those rows from the page cache, which every
-process on a node shares (one copy, however many ranks).
+process on a node shares (one copy, however many ranks). A posterior latent pack is checked
+against the C channels the model sees (it stores 2C: mean, std); ``images`` views the mean and
+``moments`` all 2C, which the loader gathers and draws from.
 """
 from __future__ import annotations
 
 import torch
 
 from .images import ImageData
-from .store import is_pack, open_rows, read_labels, read_manifest, read_names
+from .store import is_pack, open_rows, posterior, read_labels, read_manifest, read_names
 
 __all__ = ["is_pack", "open_pack", "check_shape"]
 
@@ -40,8 +42,10 @@ def open_pack(path, size: int | None = None, channels: int | None = None, names:
     """A complete pack as ImageData over the memory map (see the module doc)."""
     man = read_manifest(path)
     check_shape(path, man, size, channels)
-    rows = open_rows(path, man)
+    rows = torch.from_numpy(open_rows(path, man)).permute(0, 3, 1, 2)
+    moments = rows if posterior(man) == "mean_std" else None  # images: a view of the mean channels
     labels = read_labels(path, man)
     stats = man["stats"] if man["dtype"] != "uint8" else None
-    return ImageData(torch.from_numpy(rows).permute(0, 3, 1, 2), None if labels is None else torch.from_numpy(labels),
-                     read_names(path) if names else [], [tuple(s) for s in man["skipped"]], man, stats)
+    return ImageData(rows if moments is None else rows[:, :man["channels"]],
+                     None if labels is None else torch.from_numpy(labels), read_names(path) if names else [],
+                     [tuple(s) for s in man["skipped"]], man, stats, moments)

@@ -2,10 +2,12 @@
 
 Layout of a pack folder (``python -m sgengine.data pack`` and ``encode`` write it)::
 
-    data.bin        rows (N, H, W, C), NHWC, dtype per manifest (uint8 images, float16 latents)
+    data.bin        rows (N, H, W, C), NHWC, dtype per manifest (uint8 images, float16 latents; a
+                    latent pack of the posterior stores 2C: C mean channels, then C std channels)
     labels.npy      int64 (N,)          (only when the source has labels)
     names.txt       one source name per row
-    manifest.json   format, kind, source, size, channels, count, dtype, bytes, skipped, stats
+    manifest.json   format, kind, source, size, channels (what the model sees), count, dtype, bytes
+                    (stored), skipped, stats; latent packs also posterior ('mean' or 'mean_std')
     progress.jsonl  only while unfinished: the arguments, then one line per finished task
 
 Why NHWC: decoders (PIL) and the official ImageNet npz rows reshape to it, so workers write what
@@ -27,6 +29,9 @@ from ..common.io import atomic_write
 
 FORMAT = "sgengine-pack/1"
 DATA, MANIFEST, NAMES, LABELS, PROGRESS = "data.bin", "manifest.json", "names.txt", "labels.npy", "progress.jsonl"
+# What a latent row holds of q(z|x), and its stored channels per latent channel: the mean, or the
+# mean then the std (so training draws z = mean + std * eps every batch).
+POSTERIORS = {"mean": 1, "mean_std": 2}
 
 
 class Progress:
@@ -130,10 +135,24 @@ def read_manifest(path) -> dict:
     return man
 
 
+def posterior(man: dict) -> str:
+    """What the rows hold of q(z|x): 'mean_std' or 'mean'; image packs and latent packs written
+    before the field read as 'mean' (one stored channel per channel)."""
+    kind = man.get("posterior", "mean")
+    if kind not in POSTERIORS:
+        raise ValueError(f"manifest posterior {kind!r} is none of {sorted(POSTERIORS)}: encode the pack again "
+                         "with this version (python -m sgengine.data encode)")
+    return kind
+
+
+def stored_channels(man: dict) -> int:
+    return man["channels"] * POSTERIORS[posterior(man)]
+
+
 def open_rows(path, man: dict) -> np.ndarray:
-    """The memory-mapped (N, H, W, C) rows. Copy-on-write mapping: pages stay shared with the page
-    cache (two ranks on one node hold one copy) and torch accepts the array without a copy."""
-    shape = (man["count"], man["size"], man["size"], man["channels"])
+    """The memory-mapped (N, H, W, C stored) rows. Copy-on-write mapping: pages stay shared with the
+    page cache (two ranks on one node hold one copy) and torch accepts the array without a copy."""
+    shape = (man["count"], man["size"], man["size"], stored_channels(man))
     return np.memmap(Path(path) / DATA, dtype=man["dtype"], mode="c", shape=shape)
 
 

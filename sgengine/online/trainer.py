@@ -240,7 +240,7 @@ class OnlineTrainer(Trainer):
         """Usage (prototypes used, KL to uniform, images per prototype) and NMI to labels of ``net``'s
         held-batch assignments; the usage histogram also goes to ``cluster_usage.png`` (sorted, so a
         collapse shows as one tall bar) and to TensorBoard."""
-        x = self.data.batch(self.held, self.device)
+        x = self.data.batch(self.held, self.device)  # a posterior pack's means: the same images every log
         ids = prototype_ids(net, self.clustering, x, torch.Generator(self.device).manual_seed(self.cfg.seed))
         labels = self.data.labels[self.held] if self.data.labels is not None and ids.dim() == 1 else None
         ids = ids.cpu().reshape(-1)

@@ -56,10 +56,12 @@ def shard_slice(batch_size: int, micro: int, info: DistInfo) -> slice:
     return slice(s * batch_size, (s + 1) * batch_size)
 
 
-def shard_seed(seed: int, step: int, micro: int, info: DistInfo) -> int:
-    """A distinct, reproducible noise seed per (run seed, step, shard): no state to save."""
+def shard_seed(seed: int, step: int, micro: int, info: DistInfo, stream: int = 0) -> int:
+    """A distinct, reproducible noise seed per (run seed, step, shard): no state to save. A
+    ``stream`` > 0 gives an independent seed of the same shard for another kind of draw."""
     shard = micro * info.world + info.rank
-    return int(np.random.SeedSequence([seed, step, shard]).generate_state(1, np.uint64)[0] >> 1)
+    key = [seed, step, shard] + ([stream] if stream else [])  # stream 0: the seeds of before streams
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
 
 
 def wrap_ddp(net: torch.nn.Module, device: torch.device, find_unused: bool = False) -> torch.nn.Module:

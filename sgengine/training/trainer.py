@@ -39,6 +39,7 @@ from .resume import apply_optimiser_settings, config_changes, describe_changes, 
 
 SELF_LABELS_FILE = "annotations.safetensors"  # in --out; written by the train CLI (sgengine/train.py)
 DATA_ON_GPU_FRACTION = 0.25  # keep the uint8 data set on the GPU when it takes at most this much free memory
+POSTERIOR_STREAM = 1  # shard_seed's stream of a latent pack's posterior draws (the objective's noise: 0)
 
 
 
@@ -110,17 +111,27 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, self.step if self.resumed_from else None) if self.dist.main else None
 
     def _data_to_device(self) -> None:
-        """uint8 images on the GPU when they fit: batches are then gathered without host copies."""
+        """The data set (uint8 images, a latent pack's moments) on the GPU when it fits: batches are
+        then gathered without host copies."""
         if self.device.type != "cuda":
             return
         free, _ = torch.cuda.mem_get_info(self.device)
-        imgs = self.data.images
-        if imgs.numel() * imgs.element_size() <= DATA_ON_GPU_FRACTION * free:
-            self.data.images = imgs.to(self.device)
+        rows = self.data.stored()
+        if rows.numel() * rows.element_size() <= DATA_ON_GPU_FRACTION * free:
+            self.data = self.data.to(self.device)
 
-    def _images(self, idx: torch.Tensor) -> torch.Tensor:
-        """Floats on the device (uint8 scaled to [-1, 1]), gathered by sgengine.data.BatchLoader."""
-        return self.loader.get(idx)
+    def _images(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Floats on the device (uint8 scaled to [-1, 1]; a posterior pack's draw from ``generator``),
+        gathered by sgengine.data.BatchLoader."""
+        return self.loader.get(idx, generator)
+
+    def _posterior_generator(self, micro: int) -> torch.Generator | None:
+        """The generator of this shard's posterior draws (latent packs of mean and std; else None):
+        reseeded per (seed, step, micro-step, rank) like the objective's noise but from its own
+        stream, so it shifts no other draw, ranks draw distinct eps, and a resume needs no state."""
+        if self.data.moments is None:
+            return None
+        return self.g_post.manual_seed(D.shard_seed(self.cfg.seed, self.step, micro, self.dist, POSTERIOR_STREAM))
 
     def _prefetch(self) -> None:
         """Hand this rank's next shards to the loader: the rest of this step's micro-batches and the
@@ -144,6 +155,7 @@ class Trainer:
         self.step, self.watch = 0, LossWatch(self.device)
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.g_dev = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.g_post = torch.Generator(self.device)  # seeded per micro-step: _posterior_generator
 
     def _warmup(self, s: int) -> float:
         return min(1.0, (s + 1) / max(self.cfg.warmup, 1))
@@ -206,7 +218,7 @@ class Trainer:
             self._prefetch()
         rows = D.shard_slice(self.cfg.batch_size, micro, self.dist)
         idx, null, flip = (None if t is None else t[rows] for t in self._draws)
-        x = self._flip(self._images(idx), flip)
+        x = self._flip(self._images(idx, self._posterior_generator(micro)), flip)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.ann is None:
