@@ -71,6 +71,8 @@ def test_posterior_mean_flag_writes_the_old_mean_only_pack(setup, tmp_path):
     old = open_pack(tmp_path / "m", 8, 4)
     assert old.manifest["posterior"] == "mean" and old.manifest["bytes"] == 12 * 8 * 8 * 4 * 2 and old.moments is None
     assert torch.equal(old.images[:3], _moments(root)[0])  # scaling * mean in fp16, as before the posterior
+    with pytest.raises(ValueError, match="complete latent pack with posterior 'mean_std', not 'mean'"):
+        L.encode(root / "pack", root / "lat", root / "vae", device="cpu", progress=False, posterior="mean")
     man = json.loads((tmp_path / "m" / MANIFEST).read_text())
     del man["posterior"]  # a pack written before the field
     (tmp_path / "m" / MANIFEST).write_text(json.dumps(man))

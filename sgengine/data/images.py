@@ -5,8 +5,8 @@ packed.py), an image folder (decoded serially here: pack large ones), or an .npz
 Images are uint8 (N, C, H, W) and become floats in [-1, 1] on the training device one batch at
 a time; float arrays (latents) are kept as they are, with their dtype and per-channel statistics
 recorded (checks.py holds the array rules). A posterior latent pack (mean and std of q(z|x))
-gives a fresh draw z = mean + std * eps per batch (``ImageData.floats``). Unreadable files in a folder are skipped, counted and
-reported; they never stop a run.
+gives a fresh draw z = mean + std * eps per batch (``ImageData.floats``). Unreadable files in a
+folder are skipped, counted and reported; they never stop a run.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import torch
 from .checks import stats_from_sums
 from .images import to_uint8
 from .store import (DATA, LABELS, MANIFEST, NAMES, POSTERIORS, Progress, RowWriter, is_pack, open_rows,
-                    read_manifest, write_pack)
+                    posterior_kind, read_manifest, write_pack)
 
 VAE_HINT = ("pass a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors, e.g. "
             "stabilityai/sd-vae-ft-ema), or a weights file with a config.json beside it")
@@ -105,8 +105,7 @@ def encode(pack, out, vae_path, batch_size: int = 32, device=None, scaling: floa
     if posterior != "mean":  # unnamed when 'mean': an unfinished encode of an older version still resumes
         header["posterior"] = posterior
     if (out / MANIFEST).is_file():
-        log(f"{out} is already a complete latent pack; nothing to do")
-        return read_manifest(out)
+        return _complete(out, posterior, log)
     out.mkdir(parents=True, exist_ok=True)
     t0, prog = time.perf_counter(), Progress(out, header)
     c = vae.config.latent_channels
@@ -116,6 +115,16 @@ def encode(pack, out, vae_path, batch_size: int = 32, device=None, scaling: floa
     log(f"encoded {result['count']} images into {side}x{side}x{result['channels']} latents in {out} "
         f"in {time.perf_counter() - t0:.1f} s")
     return result
+
+
+def _complete(out: Path, posterior: str, log) -> dict:
+    """The manifest of an already complete latent pack ``out``, if it holds the posterior asked for."""
+    man = read_manifest(out)
+    if posterior_kind(man) != posterior:
+        raise ValueError(f"{out} already holds a complete latent pack with posterior {posterior_kind(man)!r}, not "
+                         f"{posterior!r}: choose another OUT")
+    log(f"{out} is already a complete latent pack; nothing to do")
+    return man
 
 
 @torch.inference_mode()

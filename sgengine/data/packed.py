@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .images import ImageData
-from .store import is_pack, open_rows, posterior, read_labels, read_manifest, read_names
+from .store import is_pack, open_rows, posterior_kind, read_labels, read_manifest, read_names
 
 __all__ = ["is_pack", "open_pack", "check_shape"]
 
@@ -43,7 +43,7 @@ def open_pack(path, size: int | None = None, channels: int | None = None, names:
     man = read_manifest(path)
     check_shape(path, man, size, channels)
     rows = torch.from_numpy(open_rows(path, man)).permute(0, 3, 1, 2)
-    moments = rows if posterior(man) == "mean_std" else None  # images: a view of the mean channels
+    moments = rows if posterior_kind(man) == "mean_std" else None  # images: a view of the mean channels
     labels = read_labels(path, man)
     stats = man["stats"] if man["dtype"] != "uint8" else None
     return ImageData(rows if moments is None else rows[:, :man["channels"]],

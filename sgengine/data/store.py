@@ -135,7 +135,7 @@ def read_manifest(path) -> dict:
     return man
 
 
-def posterior(man: dict) -> str:
+def posterior_kind(man: dict) -> str:
     """What the rows hold of q(z|x): 'mean_std' or 'mean'; image packs and latent packs written
     before the field read as 'mean' (one stored channel per channel)."""
     kind = man.get("posterior", "mean")
@@ -146,7 +146,7 @@ def posterior(man: dict) -> str:
 
 
 def stored_channels(man: dict) -> int:
-    return man["channels"] * POSTERIORS[posterior(man)]
+    return man["channels"] * POSTERIORS[posterior_kind(man)]
 
 
 def open_rows(path, man: dict) -> np.ndarray:
