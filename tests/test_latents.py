@@ -79,6 +79,9 @@ def test_posterior_mean_flag_writes_the_old_mean_only_pack(setup, tmp_path):
     legacy = open_pack(tmp_path / "m", 8, 4)
     assert legacy.moments is None and torch.equal(legacy.images, old.images)
     assert torch.equal(legacy.batch(torch.tensor([1, 0]), "cpu"), old.images[[1, 0]].float())
+    from sgengine.annotate.pixels import pixel_features  # self-labels see the mean of a posterior pack
+
+    assert torch.equal(pixel_features(open_pack(root / "lat").images, 4), pixel_features(old.images, 4))
 
 
 def test_stats_are_those_of_the_drawn_latent(setup):
@@ -172,6 +175,7 @@ def test_training_draws_the_posterior_and_resumes_bit_identically(setup, tmp_pat
                               condition="labels", sample_every=0, sample_steps=2, grid_rows=2, grid_cols=1,
                               model=dataclasses.replace(tiny.model, in_channels=4))
     straight, resumed = assert_resume_is_exact(Trainer, cfg, kill_at=2)
+    assert (straight.loader.hits, straight.loader.misses) == (7, 1)  # prefetched 2C rows; drawn after the copy
     idx, mean = torch.tensor([0, 0, 5]), straight.data.images[[0, 0, 5]].float()
     draws = [straight._images(idx, straight._posterior_generator(m)) for m in (0, 1)]
     assert draws[0].shape == mean.shape and not torch.equal(draws[0], mean)  # a draw, not the mean
@@ -183,7 +187,8 @@ def test_zero_std_trains_exactly_like_the_mean_pack(setup, tmp_path):
     import shutil
 
     root, _ = setup
-    L.encode(root / "pack", tmp_path / "mean", root / "vae", batch_size=5, device="cpu", progress=False, posterior="mean")
+    L.encode(root / "pack", tmp_path / "mean", root / "vae", batch_size=5, device="cpu", progress=False,
+             posterior="mean")
     shutil.copytree(root / "lat", tmp_path / "zero")
     rows = np.memmap(tmp_path / "zero" / DATA, dtype=np.float16, mode="r+", shape=(12, 8, 8, 8))
     rows[..., 4:] = 0
