@@ -45,7 +45,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse,
                      PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
     """One program per (query block, batch*head, key chunk): O = softmax(Q K^T * scale) V over
     keys [split * k_chunk, (split + 1) * k_chunk), lse per row. Out is (splits, B, H, Nq, D) and
-    Lse (splits, B, H, Nq): the chunk's own results, which one chunk makes the final ones."""
+    Lse (splits, B, H, Nq), each chunk's own results (with one chunk, the final ones)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -196,7 +196,7 @@ def key_chunk(programs: int, Nk: int) -> int:
     chunks that programs x chunks reaches _MIN_PROGRAMS, at most one per _CHUNK keys."""
     chunks = 1 if programs >= ONE_WAVE else triton.cdiv(_MIN_PROGRAMS, programs)
     chunks = max(1, min(triton.cdiv(Nk, _CHUNK), chunks))
-    return Nk if chunks == 1 else triton.cdiv(triton.cdiv(Nk, chunks), _CHUNK) * _CHUNK
+    return Nk if chunks == 1 else _chunk_size(Nk, chunks)
 
 
 def _query_chunk(B: int, H: int, Nq: int, Nk: int) -> int:
@@ -204,7 +204,12 @@ def _query_chunk(B: int, H: int, Nq: int, Nk: int) -> int:
     (key blocks) x B x (splits) reaches _MIN_PROGRAMS, or one chunk per _CHUNK queries."""
     want = triton.cdiv(_MIN_PROGRAMS, B * H * triton.cdiv(Nk, _MASS_BLOCK_N))
     chunks = max(1, min(triton.cdiv(Nq, _CHUNK), want))
-    return triton.cdiv(triton.cdiv(Nq, chunks), _CHUNK) * _CHUNK
+    return _chunk_size(Nq, chunks)
+
+
+def _chunk_size(n: int, chunks: int) -> int:
+    """The size of ``chunks`` (or fewer) equal chunks of n, rounded up to a multiple of _CHUNK."""
+    return triton.cdiv(triton.cdiv(n, chunks), _CHUNK) * _CHUNK
 
 
 def _forward(fwd, q, k, v, qk_scale, k_chunk, opts):

@@ -184,9 +184,10 @@ def final_head_loss(heads: TEMIHeads, x: torch.Tensor, nbrs: torch.Tensor, cfg: 
     n_heads, clusters = heads.v.shape[:2]
     per_group = max(1, max_bytes // (4 * len(x) * clusters))
     groups = [slice(h, min(h + per_group, n_heads)) for h in range(0, n_heads, per_group)]
-    # One group's tensors live only inside one call below: never two groups at once.
-    probs = lambda g: held or _log_probs(heads, x, g, cfg.temperature, batch_size)  # noqa: E731
+    # One group's tensors live only inside one call below (never two groups at once); a single
+    # group is computed once for both passes.
     held = _log_probs(heads, x, groups[0], cfg.temperature, batch_size) if len(groups) == 1 else None
+    probs = lambda g: held or _log_probs(heads, x, g, cfg.temperature, batch_size)  # noqa: E731
     # Pass 1: w of each pair, a mean over every head; pass 2: eq. 6 per head with the teacher on
     # both sides (q_s = q_t) and p_k the data mean.
     w = sum(_pair_agreement(probs(g)[0], nbrs, batch_size) for g in groups) / n_heads
