@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import roofline
-from conftest import DEVICE, ON_GPU, peak_memory, per_second, record, seconds, sizes, timed
+from benchlib import DEVICE, ON_GPU, peak_memory, per_second, record, seconds, sizes, timed
 
 from sgengine.annotate.kmeans import KMeans
 from sgengine.kernels.kmeans import kmeans_assign

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import roofline
-from conftest import DEVICE, ON_GPU, check_budget, peak_memory, per_second, record, sizes, timed
+from benchlib import DEVICE, ON_GPU, check_budget, peak_memory, per_second, record, sizes, timed
 
 from sgengine.kernels._budget import rounding_floor
 from sgengine.kernels.attention_key_mass import attention_with_key_mass, attention_with_key_mass_ref

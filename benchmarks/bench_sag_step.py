@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import roofline
-from conftest import DEVICE, ON_GPU, record, sync
+from benchlib import DEVICE, ON_GPU, record, sync
 
 from sgengine.config import preset
 from sgengine.guidance import CFG, SAG, capture_key_mass, list_attention_layers, parameterization_for

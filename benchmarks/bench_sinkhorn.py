@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import roofline
-from conftest import DEVICE, ON_GPU, check_budget, per_second, record, sizes, timed
+from benchlib import DEVICE, ON_GPU, check_budget, per_second, record, sizes, timed
 
 from sgengine.kernels.sinkhorn import sinkhorn
 

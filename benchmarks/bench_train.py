@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 import roofline
-from conftest import ON_GPU, per_second, record, sizes, sync, timed
+from benchlib import ON_GPU, per_second, record, sizes, sync, timed
 
 from sgengine.config import preset
 from sgengine.training.bench import SYNTHETIC_K, detect_peak, flops_per_image, synthetic_config
@@ -55,7 +55,7 @@ def _run_trainer(benchmark, cfg, provider: str) -> None:
         flops = flops_per_image(tr)
         benchmark.pedantic(timed(tr.train_step), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
         _record(benchmark, tr.global_batch, flops, _params(tr.net), provider, compile=cfg.compile_mode if cfg.compile else False,
-                bf16=tr._bf16())
+                bf16=tr.engine.bf16)
 
 
 @pytest.mark.parametrize("mode", COMPILE)

@@ -104,7 +104,7 @@ class Step:
 # -- benchmark steps: the benchmark files' own cases, selected with -k -------------------------
 
 def read_stream(path: Path) -> tuple[list[dict], list[dict]]:
-    """(rows, test outcomes) streamed by benchmarks/conftest.py."""
+    """(rows, test outcomes) streamed by benchmarks/benchlib.py (rows) and conftest.py (outcomes)."""
     if not path.exists():
         return [], []
     entries = []

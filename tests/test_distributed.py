@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun
+from sgtest import torchrun
 
 from sgengine.config import preset
 from sgengine.sampling import load_generator, sample

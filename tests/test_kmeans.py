@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from conftest import torchrun
+from sgtest import torchrun
 
 from sgengine.annotate.kmeans import KMeans, _segment_sums, kmeans
 from sgengine.kernels.kmeans import _kmeans_assign_op, kmeans_assign, kmeans_assign_ref

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import assert_resume_is_exact
+from sgtest import assert_resume_is_exact
 
 from sgengine.config import preset
 from sgengine.data import latents as L

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import torchrun
+from sgtest import torchrun
 
 from sgengine.annotate.io import load_annotations
 from sgengine.config import OnlineConfig, apply_overrides, preset

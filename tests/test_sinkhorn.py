@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import torchrun
+from sgtest import torchrun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_resume_is_exact
+from sgtest import assert_resume_is_exact
 from torch import nn
 
 from sgengine.config import parse_args, preset
