@@ -65,6 +65,11 @@ def seconds(benchmark) -> float | None:
     return benchmark.stats.stats.mean if benchmark.stats is not None else None
 
 
+def best_seconds(benchmark) -> float | None:
+    """The row's fastest round, or None under --benchmark-disable (as ``seconds``)."""
+    return benchmark.stats.stats.min if benchmark.stats is not None else None
+
+
 def per_second(amount: float, benchmark, unit: float = 1.0) -> float | None:
     """amount / mean time / unit (a throughput), None when the row was not timed."""
     mean = seconds(benchmark)
