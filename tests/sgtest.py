@@ -37,3 +37,15 @@ def assert_resume_is_exact(make, cfg, kill_at: int):
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
     return straight, resumed
+
+
+def tiny_online_run(out: Path, steps: int, batch_size: int, sample_steps: int, grid: int) -> Path:
+    """A short online (U-ViT, prototype) run through the train CLI, across its stage switch, logging
+    twice, with a ``grid`` x ``grid`` sample grid; returns its folder."""
+    from sgengine.train import main as train_main
+
+    rc = train_main(["--preset", "uvit-tiny-online", "--out", str(out), "--device", "cpu", "--steps", str(steps),
+                     "--batch_size", str(batch_size), "--log_every", str(steps // 2), "--ckpt_every", "0",
+                     "--sample_steps", str(sample_steps), "--grid_rows", str(grid), "--grid_cols", str(grid)])
+    assert rc == 0
+    return out

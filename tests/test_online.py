@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from sgtest import torchrun
+from sgtest import tiny_online_run, torchrun
 
 from sgengine.annotate.io import load_annotations
 from sgengine.config import OnlineConfig, apply_overrides, preset
@@ -16,7 +16,6 @@ from sgengine.data import load_digits
 from sgengine.diffusion.flow import flow_path
 from sgengine.online import (OnlineClustering, OnlineTrainer, feature_time, load_online, offline_annotations,
                              prototype_condition, prototype_of_exemplar, sample_prototypes, sk_weight)
-from sgengine.train import main as train_main
 
 
 def tiny(tmp_path, **kw):
@@ -27,12 +26,7 @@ def tiny(tmp_path, **kw):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A short run across the stage switch through the CLI (which must pick OnlineTrainer)."""
-    out = tmp_path_factory.mktemp("online") / "run"
-    rc = train_main(["--preset", "uvit-tiny-online", "--out", str(out), "--device", "cpu", "--steps", "8",
-                     "--batch_size", "32", "--log_every", "4", "--ckpt_every", "0", "--sample_steps", "2",
-                     "--grid_rows", "2", "--grid_cols", "2"])
-    assert rc == 0
-    return out
+    return tiny_online_run(tmp_path_factory.mktemp("online") / "run", steps=8, batch_size=32, sample_steps=2, grid=2)
 
 
 # -- clustering ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sgtest import tiny_online_run
 from torchvision.transforms.functional import gaussian_blur
 
 from sgengine.config import preset
@@ -483,13 +484,8 @@ def test_cli_samples_with_sag_from_a_trained_checkpoint(tmp_path, objective, cap
 
 @pytest.fixture(scope="module")
 def online_run(tmp_path_factory):
-    from sgengine.train import main as train_main
-    out = tmp_path_factory.mktemp("online-sag") / "run"
-    rc = train_main(["--preset", "uvit-tiny-online", "--out", str(out), "--device", "cpu", "--steps", "6",
-                     "--batch_size", "16", "--log_every", "3", "--ckpt_every", "0", "--sample_steps", "1",
-                     "--grid_rows", "1", "--grid_cols", "1"])
-    assert rc == 0
-    return out
+    return tiny_online_run(tmp_path_factory.mktemp("online-sag") / "run", steps=6, batch_size=16, sample_steps=1,
+                           grid=1)
 
 
 def test_cli_sag_scale_changes_online_samples(online_run, tmp_path):
