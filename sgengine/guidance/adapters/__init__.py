@@ -38,7 +38,7 @@ Adding a family is one new file: subclass ``AttentionAdapter`` (``claims``, ``la
 from __future__ import annotations
 
 from .base import REGISTRY, AttentionAdapter, Hook, core_network, register
-from . import engine, unet  # noqa: F401  (registration, in priority order)
+from . import engine, flux, pixart, sana, sd3, unet  # noqa: F401  (registration: one file per family)
 
 
 def adapter_for(net) -> AttentionAdapter:

@@ -2,6 +2,7 @@
 package docstring for the contract)."""
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import ClassVar
 
@@ -181,6 +182,17 @@ class AttentionAdapter:
             hook.grid = grid_of(args, kwargs)
         hook.undo.append(self.root.register_forward_pre_hook(record, with_kwargs=True).remove)
 
+    def argument(self, args, kwargs, name: str):
+        """The root forward's argument ``name`` from a pre-hook's (args, kwargs); None if not passed."""
+        if name in kwargs:
+            return kwargs[name]
+        index = list(inspect.signature(self.root.forward).parameters).index(name)
+        return args[index] if index < len(args) else None
+
+    def watch_latent(self, hook: Hook, name: str = "hidden_states") -> None:
+        """``hook.grid`` from the root's (B, C, H, W) latent argument ``name`` over the patch size."""
+        self.watch_root(hook, lambda args, kwargs: self.latent_grid(self.argument(args, kwargs, name)))
+
     def latent_grid(self, x: torch.Tensor) -> tuple[int, int]:
         """Token grid (h, w) of a (B, C, H, W) latent, patch size ``self.patch``; one-line error if it does not divide."""
         if not torch.is_tensor(x) or x.dim() != 4:
@@ -192,6 +204,14 @@ class AttentionAdapter:
                              f"use latent sides that are multiples of {p}")
         return H // p, W // p
 
+
+
+def middle(names: list[str]) -> str:
+    """The layer at half the stack's depth: a transformer keeps one resolution, so the UNet's
+    mid-block (its most global, least textured attention) has no direct analogue; half depth is the
+    stack's middle, past the early blocks that mostly see patches and before the late ones that
+    render detail."""
+    return names[len(names) // 2]
 
 
 def install_processor(module: nn.Module, processor, hook: Hook, expect: tuple[str, ...], layer: str) -> None:

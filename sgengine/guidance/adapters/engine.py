@@ -56,7 +56,7 @@ class EngineAdapter(AttentionAdapter):
             return hook.run(q, k, v, tokens, ops)
 
         if isinstance(self.root, UViT):
-            self.watch_root(hook, lambda args, kwargs: self.latent_grid(args[0] if args else kwargs["x"]))
+            self.watch_latent(hook, "x")
         else:  # the UNet's attention block sees the (B, C, h, w) map: its spatial size is the grid
             parent = modules[layer.rpartition(".")[0]] if "." in layer else self.root
             hook.undo.append(parent.register_forward_pre_hook(lambda m, args: _see_grid(hook, args)).remove)
