@@ -221,6 +221,8 @@ def install_processor(module: nn.Module, processor, hook: Hook, expect: tuple[st
     step, so any other processor (fused projections, xformers, IP-adapter) is refused in one line.
     """
     original = module.processor
+    if isinstance(getattr(original, "hook", None), Hook):
+        raise ValueError(f"{layer!r} already has a guidance hook ({original.hook.mode}): close it first")
     if type(original).__name__ not in expect:
         raise TypeError(f"{layer!r} runs {type(original).__name__}; sgengine mirrors {' / '.join(expect)}: "
                         "call set_default_attn_processor() (and unfuse_qkv_projections()) first")

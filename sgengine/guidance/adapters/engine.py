@@ -46,6 +46,8 @@ class EngineAdapter(AttentionAdapter):
     def install(self, layer: str, hook: Hook) -> None:
         modules = dict(self.root.named_modules())
         module, original = modules[layer], modules[layer].attend
+        if getattr(original, "hook", None) is not None:
+            raise ValueError(f"{layer!r} already has a guidance hook ({original.hook.mode}): close it first")
         ops = dataclasses.replace(SOFTMAX, plain=original)
 
         def attend(q, k, v):
@@ -60,6 +62,7 @@ class EngineAdapter(AttentionAdapter):
         else:  # the UNet's attention block sees the (B, C, h, w) map: its spatial size is the grid
             parent = modules[layer.rpartition(".")[0]] if "." in layer else self.root
             hook.undo.append(parent.register_forward_pre_hook(lambda m, args: _see_grid(hook, args)).remove)
+        attend.hook = hook
         module.attend = attend
         hook.undo.append(lambda: setattr(module, "attend", original))
 
