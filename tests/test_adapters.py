@@ -144,7 +144,8 @@ def _diffusers_pag(attn, h, c=None):
     """diffusers' PAG processor on [h; h]: the perturbed half."""
     pag = ap.PAGJointAttnProcessor2_0() if c is not None else ap.PAGIdentitySelfAttnProcessor2_0()
     with _processor(attn, pag), torch.no_grad():
-        out = attn(hidden_states=torch.cat([h, h]), **({} if c is None else {"encoder_hidden_states": torch.cat([c, c])}))
+        context = {} if c is None else {"encoder_hidden_states": torch.cat([c, c])}
+        out = attn(hidden_states=torch.cat([h, h]), **context)
     return tuple(o.chunk(2)[1] for o in out) if c is not None else out.chunk(2)[1]
 
 
@@ -244,7 +245,8 @@ def test_seg_on_flux_blurs_the_image_queries_only_on_their_non_square_grid(model
     assert hook.grid == (12, 20) and torch.equal(ks, k) and torch.equal(vs, v)
     assert torch.equal(qs[:, :, :TEXT], q[:, :, :TEXT])  # the text queries are untouched
     img = q[:, :, TEXT:].transpose(-1, -2).reshape(2, -1, 12, 20)
-    want = img.mean(dim=(-2, -1), keepdim=True).expand_as(img) if sigma > 1e4 else gaussian_blur(img, [7, 7], [sigma] * 2)
+    mean = img.mean(dim=(-2, -1), keepdim=True).expand_as(img)
+    want = mean if sigma > 1e4 else gaussian_blur(img, [7, 7], [sigma] * 2)
     torch.testing.assert_close(qs[:, :, TEXT:], want.reshape(*q.shape[:2], q.shape[-1], -1).transpose(-1, -2),
                                rtol=1e-5, atol=1e-5)
 
@@ -285,8 +287,8 @@ def test_errors_name_the_cause_and_the_fix(models):
     with pytest.raises(KeyError) as err:
         capture_key_mass(models["sd3"], "transformer_blocks.9.attn")
     assert "transformer_blocks.2.attn" in _one_line(err)
-    for name, layer in (("pixart", "transformer_blocks.0.attn2"), ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn2"),
-                        ("sana", "transformer_blocks.0.attn2"), ("sd3", "transformer_blocks.0")):
+    for name, layer in (("pixart", "transformer_blocks.0.attn2"), ("sana", "transformer_blocks.0.attn2"),
+                        ("unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn2"), ("sd3", "transformer_blocks.0")):
         with pytest.raises(ValueError, match="no image-image attention") as err:
             capture_key_mass(models[name], layer)
         _one_line(err)

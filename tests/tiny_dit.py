@@ -66,7 +66,8 @@ def dit():
     import diffusers
     return _seeded(lambda: diffusers.DiTTransformer2DModel(
         in_channels=4, out_channels=8, activation_fn="gelu-approximate", num_attention_heads=2, attention_head_dim=8,
-        attention_bias=True, num_layers=2, norm_type="ada_norm_zero", num_embeds_ada_norm=8, patch_size=2, sample_size=8))
+        attention_bias=True, num_layers=2, norm_type="ada_norm_zero", num_embeds_ada_norm=8, patch_size=2,
+        sample_size=8))
 
 
 def dit_inputs(latent=(16, 16)):

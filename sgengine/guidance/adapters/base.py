@@ -89,6 +89,13 @@ class Hook:
                 if s.stop > s.start]
         return torch.cat([t for _, t in sorted([(slice(start, stop), picked), *rest], key=lambda p: p[0].start)])
 
+    def image_tokens(self) -> int:
+        """h * w of the last forward's grid (set by the root network's forward)."""
+        if self.grid is None:
+            raise ValueError(f"the token grid of {self.layer!r} is unknown: run the whole network (its forward "
+                             "sets the grid), not the layer alone")
+        return self.grid[0] * self.grid[1]
+
     def _apply(self, q, k, v, tokens, ops):
         if self.mode == "capture":
             out, mass = ops.capture(q, k, v, tokens, self.backend)
@@ -96,16 +103,15 @@ class Hook:
             return out
         if self.mode == "pag":
             return ops.identity(q, k, v, tokens)
+        self.image_tokens()  # the blur needs the grid
         return ops.smoothed(q, k, v, tokens, self.grid, self.sigma)
 
     def to_grid(self, mass: torch.Tensor) -> torch.Tensor:
         """(B, Ni) -> (B, h, w) on the token grid of this forward."""
-        if self.grid is None:
-            raise ValueError(f"the token grid of {self.layer!r} is unknown: no (B, C, H, W) input was seen")
-        h, w = self.grid
-        if h * w != mass.shape[1]:
-            raise ValueError(f"{self.layer!r} has {mass.shape[1]} image keys but its token grid is {h}x{w}")
-        return mass.reshape(mass.shape[0], h, w)
+        if self.image_tokens() != mass.shape[1]:
+            raise ValueError(f"{self.layer!r} has {mass.shape[1]} image keys but its token grid is "
+                             f"{self.grid[0]}x{self.grid[1]}")
+        return mass.reshape(mass.shape[0], *self.grid)
 
     def close(self) -> None:
         """Restore the layer (idempotent)."""
@@ -194,7 +200,7 @@ class AttentionAdapter:
         self.watch_root(hook, lambda args, kwargs: self.latent_grid(self.argument(args, kwargs, name)))
 
     def latent_grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """Token grid (h, w) of a (B, C, H, W) latent, patch size ``self.patch``; one-line error if it does not divide."""
+        """Token grid (h, w) of a (B, C, H, W) latent over ``self.patch``; a one-line error if it does not divide."""
         if not torch.is_tensor(x) or x.dim() != 4:
             raise ValueError(f"{type(self.root).__name__} expects a (B, C, H, W) latent, got "
                              f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")

@@ -53,7 +53,7 @@ class EngineAdapter(AttentionAdapter):
         def attend(q, k, v):
             if not hook.active:
                 return original(q, k, v)
-            n = hook.grid[0] * hook.grid[1]
+            n = hook.image_tokens()
             tokens = Tokens(slice(q.shape[2] - n, q.shape[2]), slice(k.shape[2] - n, k.shape[2]))
             return hook.run(q, k, v, tokens, ops)
 
