@@ -84,10 +84,13 @@ class Hook:
         start, stop, step = (slice(None) if self.rows is None else self.rows).indices(q.shape[0])
         if step != 1:
             raise ValueError(f"rows must be a contiguous slice, got {self.rows}")
-        picked = self._apply(q[start:stop], k[start:stop], v[start:stop], tokens, ops)
-        rest = [(s, ops.plain(q[s], k[s], v[s])) for s in (slice(0, start), slice(stop, q.shape[0]))
-                if s.stop > s.start]
-        return torch.cat([t for _, t in sorted([(slice(start, stop), picked), *rest], key=lambda p: p[0].start)])
+        if start >= stop:
+            return ops.plain(q, k, v)
+        pieces = [ops.plain(q[:start], k[:start], v[:start])] if start else []
+        pieces.append(self._apply(q[start:stop], k[start:stop], v[start:stop], tokens, ops))
+        if stop < q.shape[0]:
+            pieces.append(ops.plain(q[stop:], k[stop:], v[stop:]))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def image_tokens(self) -> int:
         """h * w of the last forward's grid (set by the root network's forward)."""
