@@ -123,6 +123,23 @@ def test_key_mass_equals_the_materialised_map_at_a_non_square_latent(models, nam
         torch.testing.assert_close(cap.mass.mean(dim=(1, 2)), torch.ones(2))
 
 
+@pytest.mark.parametrize("name", ["sd3", "flux", "sana"])
+def test_rows_limit_the_capture_to_part_of_the_batch(models, name):
+    """SAG captures the unconditional half of a CFG batch: rows=slice(1, 2) gives that sample's mass,
+    and every sample's output stays the plain one."""
+    model, inputs = models[name], _inputs(name)
+    layer = adapter_for(model).default_layer
+    plain = _run(model, inputs)
+    with capture_key_mass(model, layer) as cap:
+        _run(model, inputs)
+        full = cap.mass
+        cap.rows = slice(1, 2)
+        got = _run(model, inputs)
+    assert cap.mass.shape == (1, *full.shape[1:])
+    torch.testing.assert_close(cap.mass, full[1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
 # --- PAG: identity attention on the image-image block ---------------------------------------------
 
 def _joint_states(dim=16, n=12, batch=2):
