@@ -220,6 +220,8 @@ def middle(names: list[str]) -> str:
     mid-block (its most global, least textured attention) has no direct analogue; half depth is the
     stack's middle, past the early blocks that mostly see patches and before the late ones that
     render detail."""
+    if not names:
+        raise ValueError("this network has no image-image attention layer to guide with")
     return names[len(names) // 2]
 
 
