@@ -379,3 +379,33 @@ def test_engine_sag_runs_on_a_transformer_through_the_registry(models, name):
         gain = param.input_gain(t).view(-1, 1, 1, 1)
         want = pred + 0.5 * (pred - net(x_deg, t) - gain * (x - x_deg))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --- the engine's own attention: PAG and SEG leave the U-ViT's time / condition / CLS tokens alone ------
+
+def test_engine_pag_and_seg_act_on_the_uvit_image_block_only():
+    from sgengine.models.uvit import UVIT_PRESETS, UViT
+    torch.manual_seed(0)
+    net, layer, extras = UViT(UVIT_PRESETS["uvit-tiny"]).eval(), "mid_block.attn", 3
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    module, original = net.get_submodule(layer), net.get_submodule(layer).attend
+
+    def masked(q, k, v):
+        m = torch.zeros(q.shape[2], k.shape[2])
+        m[extras:, extras:] = float("-inf")
+        m[extras:, extras:].fill_diagonal_(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    def blurred(q, k, v):
+        img = q[:, :, extras:].transpose(-1, -2).reshape(2, -1, 4, 4)
+        img = gaussian_blur(img, [3, 3], [1.0, 1.0]).reshape(*q.shape[:2], q.shape[-1], -1).transpose(-1, -2)
+        return F.scaled_dot_product_attention(torch.cat([q[:, :, :extras], img], dim=2), k, v)
+    for mode, reference in (("pag", masked), ("seg", blurred)):
+        with torch.no_grad():
+            module.attend = reference
+            want = net(x, t)
+            module.attend = original
+            with adapter_for(net).perturb(layer, mode, sigma=1.0) as hook:
+                got = net(x, t)
+        assert hook.grid == (4, 4) and module.attend is original
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
