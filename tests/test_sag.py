@@ -467,17 +467,17 @@ def test_cli_samples_with_sag_from_a_trained_checkpoint(tmp_path, objective, cap
     cfg = dataclasses.replace(preset("tiny"), out=str(run), condition="labels", objective=objective,
                               steps=2, ckpt_every=2, sample_steps=2, log_every=1)
     Trainer(cfg).run()
-    assert sample_main(["--ckpt", str(run), "--list-layers"]) == 0
+    assert sample_main(["--ckpt", str(run), "--list_layers"]) == 0
     assert "mid.1.attn" in capsys.readouterr().out.split()
     png = tmp_path / "sag.png"
     window = {"ddpm": "0,1000", "edm": "0.01,100", "flow": "0.2,1"}[objective]
-    rc = sample_main(["--ckpt", str(run), "--n", "4", "--clusters", "0", "1", "--steps", "2", "--sag-scale", "0.75",
-                      "--sag-layer", "mid.1.attn", "--sag-blur", "3,1.0", "--sag-window", window,
+    rc = sample_main(["--ckpt", str(run), "--n", "4", "--clusters", "0", "1", "--steps", "2", "--sag_scale", "0.75",
+                      "--sag_layer", "mid.1.attn", "--sag_blur", "3,1.0", "--sag_window", window,
                       "--out", str(png)])
     assert rc == 0 and png.exists()
     images = np.load(png.with_suffix(".npz"))["images"]
     assert images.shape == (4, 1, 8, 8) and images.dtype == np.uint8
-    assert sample_main(["--ckpt", str(run), "--sag-scale", "0.5", "--sag-layer", "bad"]) == 2
+    assert sample_main(["--ckpt", str(run), "--sag_scale", "0.5", "--sag_layer", "bad"]) == 2
     err = capsys.readouterr().err
     assert "'bad'" in err or "bad is not" in err
     assert "mid.1.attn" in err  # the error names the layers to choose from
@@ -498,8 +498,8 @@ def test_cli_sag_scale_changes_online_samples(online_run, tmp_path):
                             "--out", str(png), *extra]) == 0
         return np.load(png.with_suffix(".npz"))["images"]
 
-    plain, zero = images(), images("--sag-scale", "0")
-    half, five = images("--sag-scale", "0.5", "--sag-blur", "3,1.0"), images("--sag-scale", "5", "--sag-blur", "3,1.0")
+    plain, zero = images(), images("--sag_scale", "0")
+    half, five = images("--sag_scale", "0.5", "--sag_blur", "3,1.0"), images("--sag_scale", "5", "--sag_blur", "3,1.0")
     assert np.array_equal(plain, zero)  # scale 0 is exactly the unguided sampler
     assert not np.array_equal(zero, half) and not np.array_equal(half, five)
 
