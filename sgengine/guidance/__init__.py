@@ -3,8 +3,8 @@ needs (per-objective parameterisations, attention-mass capture), for engine netw
 from .attach import KeyMassCapture, capture_key_mass, list_attention_layers
 from .cfg import CFG
 from .diffusers_unet import DiffusersDenoiser, attach_diffusers, list_diffusers_layers
-from .param import Parameterization, ddpm_param, parameterization_for
+from .param import Parameterization, eps_param, parameterization_for
 from .sag import SAG
 
 __all__ = ["CFG", "SAG", "DiffusersDenoiser", "KeyMassCapture", "Parameterization", "attach_diffusers",
-           "capture_key_mass", "ddpm_param", "list_attention_layers", "list_diffusers_layers", "parameterization_for"]
+           "capture_key_mass", "eps_param", "list_attention_layers", "list_diffusers_layers", "parameterization_for"]
