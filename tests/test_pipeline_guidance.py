@@ -247,6 +247,25 @@ def test_sag_on_the_pipeline_equals_sg_sample_with_the_engines_sampler():
     assert not torch.allclose(ours, plain, atol=1e-3)
 
 
+@torch.no_grad()
+def test_sd3_skip_layer_guidance_forward_runs_unguided():
+    """SD3's skip-layer guidance adds a forward of the cond batch alone (skip_layers=...): not a CFG batch, so sg.sag
+    leaves it as it is; its guided CFG forwards are the same as without SLG."""
+    pipe, kw = tp.sd3()
+    calls = _spy(pipe)
+    terms = []
+    with sg.sag(pipe, scale=0.75) as g:
+        term = g.term
+        g.term = lambda step, pred: terms.append(step.x.shape[0]) or term(step, pred)
+        tp.run(pipe, kw, steps=3, guidance_scale=5.0, skip_guidance_layers=[0], skip_layer_guidance_start=0.0,
+               skip_layer_guidance_stop=1.0)
+        with_slg = [c[0] for c in calls]
+        calls.clear()
+        tp.run(pipe, kw, steps=3, guidance_scale=5.0)
+    assert terms == [2] * 6  # one guided CFG forward per step and run, never the SLG forward of 1
+    assert not torch.allclose(with_slg[1], calls[1][0], atol=1e-4)  # SLG did act
+
+
 def test_bad_input_is_one_line():
     pipe, kw = tp.sd3()
     with pytest.raises(TypeError, match="not a supported pipeline; supported: .*StableDiffusion3Pipeline.*FluxPipeline"):

@@ -97,6 +97,8 @@ class PipelineGuidance:
         if self.scale == 0.0:
             return None
         call = self._bind(args, kwargs)
+        if any(call.get(name) is not None for name in self.kind.own_guidance):
+            return None
         x = call[self.kind.sample]
         n = x.shape[0]
         t = torch.as_tensor(call["timestep"], device=x.device).float().reshape(-1).expand(n)

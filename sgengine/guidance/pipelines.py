@@ -63,6 +63,8 @@ class PipelineKind:
     timestep_scale: Callable = field(default=lambda pipe: 1.0)  # scheduler timestep = forward timestep * this
     packed: bool = False  # Flux: the latent is (B, N, 4C) tokens of 2x2 patches
     sigmas: Callable | None = None  # the unshifted grid the pipeline hands its scheduler (None: the default)
+    own_guidance: tuple[str, ...] = ()  # arguments that mark the pipeline's own extra forward (SD3's skip-layer
+    # guidance: skip_layers on the cond batch alone), which runs unguided
 
     def to_latent(self, x: torch.Tensor, grid) -> torch.Tensor:
         return unpack_2x2(x, grid) if self.packed else x
@@ -91,7 +93,7 @@ def kind_of(pipe) -> PipelineKind:
 
 
 register_pipeline(PipelineKind(("StableDiffusionPipeline", "StableDiffusionXLPipeline"), "unet", "sample"))
-register_pipeline(PipelineKind(("StableDiffusion3Pipeline",), "transformer", "hidden_states"))
+register_pipeline(PipelineKind(("StableDiffusion3Pipeline",), "transformer", "hidden_states", own_guidance=("skip_layers",)))
 register_pipeline(PipelineKind(("FluxPipeline",), "transformer", "hidden_states", cfg=never,
                                unbatched=("txt_ids", "img_ids"), timestep_scale=lambda pipe: 1000.0,
                                packed=True, sigmas=flux_sigmas))
