@@ -266,6 +266,23 @@ def test_sd3_skip_layer_guidance_forward_runs_unguided():
     assert not torch.allclose(with_slg[1], calls[1][0], atol=1e-4)  # SLG did act
 
 
+@pytest.mark.parametrize("guide", GUIDES)
+def test_window_in_scheduler_timesteps(guide):
+    """Steps outside window (scheduler timesteps) are the plain forward; a window around one step guides it alone."""
+    pipe, kw = tp.sd3()
+    fn, scale = GUIDES[guide]
+    calls = _spy(pipe)
+    ref = tp.run(pipe, kw, steps=3)
+    plain = [c[0] for c in calls]
+    with fn(pipe, scale=scale, window=(0.0, 1.0)):
+        assert torch.equal(tp.run(pipe, kw, steps=3), ref)
+    t1 = float(pipe.scheduler.timesteps[1])
+    calls.clear()
+    with fn(pipe, scale=scale, window=(t1 - 1e-3, t1 + 1e-3)):
+        tp.run(pipe, kw, steps=3)
+    assert torch.equal(calls[0][0], plain[0]) and not torch.allclose(calls[1][0], plain[1], atol=1e-4)
+
+
 def test_bad_input_is_one_line():
     pipe, kw = tp.sd3()
     with pytest.raises(TypeError, match="not a supported pipeline; supported: .*StableDiffusion3Pipeline.*FluxPipeline"):
