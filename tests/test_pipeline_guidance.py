@@ -174,6 +174,25 @@ def _conditions(pipe, kw, name):
             "encoder_attention_mask": mask, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("guide", ["pag", "seg"])
+def test_dit_perturbed_step_guides_from_the_cond_half_of_its_cond_first_batch(guide):
+    """DiT's CFG batch is [cond; uncond]: d = cond - cond_perturbed from the first half, by hand."""
+    pipe, kw = tp.dit()
+    w, s, net = 4.5, 3.0, pipe.transformer
+    calls = _spy(pipe)
+    with GUIDES[guide][0](pipe, scale=s) as g:
+        tp.run(pipe, kw, steps=2, guidance_scale=w)
+    eps_got, t, x = calls[1]
+    cond = _conditions(pipe, kw, "dit")["class_labels"]
+    T = lambda xx, labels: net(xx, timestep=t.expand(len(xx)), class_labels=labels, return_dict=False)[0][:, :4]  # noqa: E731
+    e_c, e_u = T(torch.cat([x[:1], x[:1]]), cond).chunk(2)
+    with adapter_for(net).perturb(g.layer, guide, sigma=10.0 if guide == "seg" else None):
+        e_p = T(x[:1], cond[:1])
+    want = e_u + w * (e_c - e_u) + s * (e_c - e_p)
+    assert torch.allclose(eps_got[:1], want, atol=1e-4 * float(want.abs().max())), float((eps_got[:1] - want).abs().max())
+
+
 PAG_PIPELINES = [("sd3", "StableDiffusion3PAGPipeline", "blocks.1", "transformer_blocks.1.attn"),
                  ("pixart", "PixArtSigmaPAGPipeline", "blocks.1", "transformer_blocks.1.attn1"),
                  ("sdxl", "StableDiffusionXLPAGPipeline", "mid", "mid_block.attentions.0.transformer_blocks.0.attn1")]
