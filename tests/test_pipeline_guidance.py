@@ -101,6 +101,33 @@ def test_flow_cfg_sag_step_is_the_formula_by_hand(name):
     assert torch.allclose(v_got, want, atol=1e-5), float((v_got - want).abs().max())
 
 
+def _flux_forward(net, kw, t):
+    """The Flux transformer as FluxPipeline calls it at scheduler timestep t, on packed latents."""
+    h, w = tp.H // 2, tp.W // 2
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
+    args = dict(timestep=(t / 1000).expand(1), guidance=torch.full((1,), kw["guidance_scale"]),
+                pooled_projections=kw["pooled_prompt_embeds"], encoder_hidden_states=kw["prompt_embeds"],
+                txt_ids=torch.zeros(7, 3), img_ids=ids.reshape(-1, 3), return_dict=False)
+    return lambda xx: net(hidden_states=xx, **args)[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("guide", ["pag", "seg"])
+def test_flux_perturbed_step_without_cfg_by_hand(guide):
+    """Guidance-distilled Flux (no CFG batch): pred + s (pred - pred_perturbed) on the default (single-stream) layer."""
+    pipe, kw = tp.flux()
+    calls = _spy(pipe)
+    with GUIDES[guide][0](pipe, scale=3.0) as g:
+        tp.run(pipe, kw, steps=3)
+    v_got, t, x = calls[1]
+    T = _flux_forward(pipe.transformer, kw, t)
+    v = T(x)
+    with adapter_for(pipe.transformer).perturb(g.layer, guide, sigma=10.0 if guide == "seg" else None):
+        v_p = T(x)
+    assert g.layer.startswith("single_transformer_blocks.")
+    assert torch.allclose(v_got, v + 3.0 * (v - v_p), atol=1e-5), float((v_got - v - 3.0 * (v - v_p)).abs().max())
+
+
 @torch.no_grad()
 def test_flux_sag_step_is_the_formula_by_hand():
     """Guidance-distilled Flux: no CFG batch, 2x2-packed latents, dynamic shift."""
@@ -111,14 +138,7 @@ def test_flux_sag_step_is_the_formula_by_hand():
         tp.run(pipe, kw, steps=3)
     v_got, t, x = calls[1]
     net, sig = pipe.transformer, float(pipe.scheduler.sigmas[1])
-    h, w = tp.H // 2, tp.W // 2
-    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
-    args = dict(timestep=(t / 1000).expand(1), guidance=torch.full((1,), kw["guidance_scale"]),
-                pooled_projections=kw["pooled_prompt_embeds"], encoder_hidden_states=kw["prompt_embeds"],
-                txt_ids=torch.zeros(7, 3), img_ids=ids.reshape(-1, 3), return_dict=False)
-
-    def T(xx):
-        return net(hidden_states=xx, **args)[0]
+    T = _flux_forward(net, kw, t)
     unpack = lambda z: pipe._unpack_latents(z, 8 * tp.H, 8 * tp.W, pipe.vae_scale_factor)  # noqa: E731
     on = _mass_mask(net, g.layer, lambda: T(x), None, (tp.H, tp.W))
     v = T(x)
