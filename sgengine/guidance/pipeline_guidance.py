@@ -78,7 +78,8 @@ class PipelineGuidance:
         self.adapter = adapter_for(self.net)
         self.layer = self.adapter.default_layer if layer is None else self.adapter.check_layer(layer)
         if window is not None and not (len(window) == 2 and window[0] <= window[1]):
-            raise ValueError(f"window must be (t_lo, t_hi) in the scheduler's timesteps, t_lo <= t_hi, or None; got {window}")
+            raise ValueError(f"window must be (t_lo, t_hi) in the scheduler's timesteps, t_lo <= t_hi, "
+                             f"or None; got {window}")
         self.scale, self.window, self.backend = float(scale), window, backend
         self.signature = inspect.signature(self.net.forward)
         self.step, self.busy, self.handles, self.hook = None, False, [], None
@@ -91,7 +92,8 @@ class PipelineGuidance:
     def _bind(self, args, kwargs) -> dict:
         bound = self.signature.bind(*args, **kwargs).arguments
         extra = [p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD]
-        return {**{k: v for k, v in bound.items() if k not in extra}, **{k: v for e in extra for k, v in bound.get(e, {}).items()}}
+        named = {k: v for k, v in bound.items() if k not in extra}
+        return {**named, **{k: v for e in extra for k, v in bound.get(e, {}).items()}}
 
     def _plan(self, args, kwargs) -> _Step | None:
         if self.scale == 0.0:

@@ -93,7 +93,8 @@ def kind_of(pipe) -> PipelineKind:
 
 
 register_pipeline(PipelineKind(("StableDiffusionPipeline", "StableDiffusionXLPipeline"), "unet", "sample"))
-register_pipeline(PipelineKind(("StableDiffusion3Pipeline",), "transformer", "hidden_states", own_guidance=("skip_layers",)))
+register_pipeline(PipelineKind(("StableDiffusion3Pipeline",), "transformer", "hidden_states",
+                               own_guidance=("skip_layers",)))
 register_pipeline(PipelineKind(("FluxPipeline",), "transformer", "hidden_states", cfg=never,
                                unbatched=("txt_ids", "img_ids"), timestep_scale=lambda pipe: 1000.0,
                                packed=True, sigmas=flux_sigmas))

@@ -65,7 +65,8 @@ def scheduler_param(scheduler, image_seq_len: int | None = None, sigmas=None) ->
     abar = getattr(scheduler, "alphas_cumprod", None)
     if abar is None or kind not in ("epsilon", "v_prediction"):
         raise TypeError(f"{type(scheduler).__name__} (prediction_type {kind!r}) is not supported: use a flow-matching "
-                        "scheduler or an alpha-bar one (DDPM / DDIM / PNDM / Euler / DPM-Solver) with epsilon or v_prediction")
+                        "scheduler or an alpha-bar one (DDPM / DDIM / PNDM / Euler / DPM-Solver) with epsilon or "
+                        "v_prediction")
     return (v_param if kind == "v_prediction" else eps_param)(torch.as_tensor(abar))
 
 
