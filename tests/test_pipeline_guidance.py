@@ -332,3 +332,8 @@ def test_bad_input_is_one_line():
         sg.pag(pipe, window=(900, 100))
     with pytest.raises(ValueError, match="blur"):
         sg.sag(pipe, blur=(8, 1.0))
+    with sg.sag(pipe):
+        with pytest.raises(ValueError, match="already runs SAGOnPipeline: one guidance per pipeline"):
+            sg.pag(pipe, layer="transformer_blocks.0.attn")
+    with sg.pag(pipe):  # closed: free again
+        pass

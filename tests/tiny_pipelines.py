@@ -17,12 +17,13 @@ def _embeds(*shape, seed: int):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def sd3(qk_norm=None, shift: float = 3.0):
+def sd3(qk_norm=None, shift: float = 3.0, dual_attention_layers=()):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     _seeded()
     net = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                                 num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-                                pooled_projection_dim=64, out_channels=4, qk_norm=qk_norm, pos_embed_max_size=16)
+                                pooled_projection_dim=64, out_channels=4, qk_norm=qk_norm, pos_embed_max_size=16,
+                                dual_attention_layers=dual_attention_layers)
     pipe = StableDiffusion3Pipeline(transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=None,
                                     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                     text_encoder_3=None, tokenizer_3=None)
@@ -30,6 +31,11 @@ def sd3(qk_norm=None, shift: float = 3.0):
               pooled_prompt_embeds=_embeds(1, 64, seed=3), negative_pooled_prompt_embeds=_embeds(1, 64, seed=4),
               height=8 * H, width=8 * W)
     return pipe, kw
+
+
+def sd35():
+    """SD3.5-medium's kind: q/k RMS norms and an image-only second attention (attn2) in the first block."""
+    return sd3(qk_norm="rms_norm", dual_attention_layers=(0,))
 
 
 def flux():
@@ -132,8 +138,8 @@ def _eval(builder):
     return build
 
 
-sd, sdxl, sd3, flux, pixart, sana, dit = map(_eval, (sd, sdxl, sd3, flux, pixart, sana, dit))
-BUILDERS = {"sd": sd, "sdxl": sdxl, "sd3": sd3, "flux": flux, "pixart": pixart, "sana": sana, "dit": dit}
+sd, sdxl, sd3, sd35, flux, pixart, sana, dit = map(_eval, (sd, sdxl, sd3, sd35, flux, pixart, sana, dit))
+BUILDERS = {"sd": sd, "sdxl": sdxl, "sd3": sd3, "sd35": sd35, "flux": flux, "pixart": pixart, "sana": sana, "dit": dit}
 
 
 def run(pipe, kw, steps: int = 2, seed: int = 0, **more):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,9 @@ from .adapters import adapter_for
 from .pipelines import kind_of
 from .sag import check_sag_args, sag_degraded, sag_delta
 from .schedulers import scheduler_param
+
+
+GUIDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # denoiser -> its open guidance
 
 
 @dataclass
@@ -75,6 +79,9 @@ class PipelineGuidance:
     def __init__(self, pipe, scale: float, layer: str | None, window, backend: str = "auto"):
         self.kind = kind_of(pipe)
         self.pipe, self.net = pipe, getattr(pipe, self.kind.denoiser)
+        if self.net in GUIDED:
+            raise ValueError(f"{type(pipe).__name__} already runs {type(GUIDED[self.net]).__name__}: one guidance per "
+                             "pipeline at a time; leave its with block (or close() it) first")
         self.adapter = adapter_for(self.net)
         self.layer = self.adapter.default_layer if layer is None else self.adapter.check_layer(layer)
         if window is not None and not (len(window) == 2 and window[0] <= window[1]):
@@ -86,6 +93,7 @@ class PipelineGuidance:
 
     def _install(self, hook) -> None:
         self.hook, hook.active = hook, False
+        GUIDED[self.net] = self
         self.handles = [self.net.register_forward_pre_hook(self._before, with_kwargs=True),
                         self.net.register_forward_hook(self._after, with_kwargs=True)]
 
@@ -159,6 +167,8 @@ class PipelineGuidance:
             self.handles.pop().remove()
         if self.hook is not None:
             self.hook.close()
+        if GUIDED.get(self.net) is self:
+            del GUIDED[self.net]
 
     def __enter__(self):
         return self
