@@ -97,7 +97,7 @@ def test_sag_cfg_step(benchmark, provider, case):
         n = 10 if ON_GPU else 2
         cfg_ms, sag_ms = _median_ms(cfg_step, n), _median_ms(sag_step, n)
         benchmark(run)
-        grid = tuple(sag.capture.mass.shape[-2:])
+        grid = tuple(sag.hook.mass.shape[-2:])
     fwd_flops, params = roofline.unet_flops(model_cfg, CLASSES)
     work = roofline.sample_step(fwd_flops, BATCH, params, provider)  # the degrade is negligible beside it
     record(benchmark, work, provider=provider, model=name, layer=layer, attention_grid=grid, batch=BATCH,

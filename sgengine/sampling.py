@@ -18,7 +18,7 @@ from .config import TrainConfig, from_dict
 from .diffusion.objectives import Objective, build_network, make_objective, run_sampler
 from .diffusion.param import Parameterization, parameterization_for
 from .data.latents import to_images
-from .guidance.attach import list_attention_layers
+from .guidance.adapters import adapter_for
 from .guidance.cfg import CFG
 from .guidance.sag import SAG
 
@@ -157,12 +157,9 @@ def guided(gen: Generator, w: float, cond: dict, sag_scale: float = 0.0, sag_lay
 
 
 def default_sag_layer(net) -> str:
-    """The mid-block self-attention (the UNet's 'mid.1.attn', the U-ViT's 'mid_block.attn')."""
-    layers = list_attention_layers(net)
-    mid = [name for name in layers if name.startswith("mid")]
-    if not mid:
-        raise ValueError(f"no mid-block attention layer to guide with: pass sag_layer, one of {layers}")
-    return mid[0]
+    """The family's documented default layer (the engine's: the mid-block self-attention, the UNet's
+    'mid.1.attn', the U-ViT's 'mid_block.attn'); see ``sgengine.guidance.adapters``."""
+    return adapter_for(net).default_layer
 
 
 def _ids(clusters, k: int, device) -> torch.Tensor:

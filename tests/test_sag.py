@@ -123,7 +123,8 @@ def test_uvit_mass_drops_the_extra_tokens():
     with torch.no_grad():
         net(x, t)
     assert cap.mass.shape == (2, 4, 4)  # 8x8 image, patch 2: a 4x4 grid without time/cond/CLS
-    torch.testing.assert_close(cap.mass.flatten(1), store[0].sum(2).mean(1)[:, 3:], rtol=1e-4, atol=1e-5)
+    # image queries only (rows 3:) at image keys only (columns 3:): the extras are neither counted nor kept
+    torch.testing.assert_close(cap.mass.flatten(1), store[0][:, :, 3:].sum(2).mean(1)[:, 3:], rtol=1e-4, atol=1e-5)
 
 
 def test_wrong_layer_name_lists_the_layers():
@@ -170,12 +171,13 @@ def _ab(objective, cfg, t):
 
 def _reference(objective, cfg, net, layer, x, t, y, w, s, blur, threshold=1.0, extras=0):
     """SAG + CFG with separate forwards, the materialised map and torchvision's blur, in eps;
-    ``extras``: leading non-image tokens (the U-ViT's time, condition, CLS)."""
+    ``extras``: leading non-image tokens (the U-ViT's time, condition, CLS): not counted, not kept."""
     store = []
     _materialise(_module(net, layer), store)
     yes, no = torch.ones(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.bool)
     pred_u, pred_c = net(x, t, y=y, null=yes), net(x, t, y=y, null=no)
-    mass = store[0].sum(2).mean(1)[:, extras:]
+    mass = store[0][:, :, extras:].sum(2).mean(1)[:, extras:]  # image queries, image keys
+    mass = mass / mass.mean(dim=1, keepdim=True)  # above average among the image keys
     side = int(mass.shape[1] ** 0.5)
     m = F.interpolate((mass.view(len(x), 1, side, side) > threshold).float(), size=x.shape[-2:], mode="nearest")
     assert 0 < m.mean() < 1  # a mask that is neither empty nor full
@@ -289,20 +291,19 @@ def _diffusers_unet(conditional: bool):
 
 
 def test_diffusers_processor_reads_the_mass_and_keeps_the_output():
-    from sgengine.guidance import attach_diffusers, list_diffusers_layers
     unet = _diffusers_unet(conditional=False)
-    layers = list_diffusers_layers(unet)
+    layers = list_attention_layers(unet)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
     with torch.no_grad():
         want = unet(x, t).sample
-        cap = attach_diffusers(unet, "mid_block.attentions.0")
+        cap = capture_key_mass(unet, "mid_block.attentions.0")
         got = unet(x, t).sample
         cap.close()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert cap.mass.shape == (2, 4, 4)
     torch.testing.assert_close(cap.mass.mean(dim=(1, 2)), torch.ones(2))
     with pytest.raises(KeyError, match=layers[0]):
-        attach_diffusers(unet, "nope")
+        capture_key_mass(unet, "nope")
 
 
 def _diffusers_materialise(unet, layer, store):

@@ -95,7 +95,7 @@ def test_api_errors_name_the_fix_and_no_cli_flag():
     with pytest.raises(KeyError) as err:
         sg.capture_key_mass(_unet(), "nope")
     assert "mid.1.attn" in str(err.value) and "--" not in str(err.value)
-    with pytest.raises(KeyError, match="no attention layer"):
+    with pytest.raises(TypeError, match="not a supported attention family; supported: engine.*unet"):
         sg.capture_key_mass(nn.Sequential(nn.Linear(2, 2)), "0")
 
 

@@ -1,10 +1,12 @@
 """Guidance that composes around a denoiser: CFG, self-attention guidance (SAG) and the pieces SAG
-needs (per-objective parameterisations, attention-mass capture), for engine networks and diffusers UNets."""
-from .attach import KeyMassCapture, capture_key_mass, list_attention_layers
+needs (per-objective parameterisations, attention-mass capture through the attention adapters of
+``sgengine.guidance.adapters``), for engine networks, diffusers UNets and diffusion transformers."""
+from .adapters import adapter_for
+from .attach import capture_key_mass, list_attention_layers
 from .cfg import CFG
-from .diffusers_unet import DiffusersDenoiser, attach_diffusers, list_diffusers_layers
+from .diffusers_denoiser import DiffusersDenoiser
 from .param import Parameterization, ddpm_param, parameterization_for
 from .sag import SAG
 
-__all__ = ["CFG", "SAG", "DiffusersDenoiser", "KeyMassCapture", "Parameterization", "attach_diffusers",
-           "capture_key_mass", "ddpm_param", "list_attention_layers", "list_diffusers_layers", "parameterization_for"]
+__all__ = ["CFG", "SAG", "DiffusersDenoiser", "Parameterization", "adapter_for", "capture_key_mass", "ddpm_param",
+           "list_attention_layers", "parameterization_for"]

@@ -2,13 +2,18 @@
 Self-Attention Guidance", Eq. 16-17; SPEC section 4) as a ``denoise(x, t)`` callable.
 
 One step inside the window, with pred the native prediction (eps, D or v) and mass the per-key
-attention mass of ``layer`` read during that same forward (``capture_key_mass``):
+attention mass of ``layer`` read during that same forward (``capture_key_mass``, any network an
+attention adapter claims):
 
     x0, eps = param.x0_eps(x_t, pred_u, t);   (a, b) = param.coeffs(t)
-    x_deg   = a (M blur(x0) + (1 - M) x0) + b eps,   M = up(mass > threshold)   (fused kernel)
+    x_deg   = a (M blur(x0) + (1 - M) x0) + b eps,   M = up(mass / mean(mass) > threshold)   (fused kernel)
     pred    = base + s (pred_u - pred_deg - g (x_t - x_deg)),      pred_deg = model(x_deg)
 
-where base = pred_u without CFG (so pred = pred' + (1+s)(pred - pred'), Eq. 17), and with CFG
+mean(mass) is the mean over the image keys: 1 for pure self-attention (the paper's "mass > 1"); where
+the image queries also attend to other keys (text in joint attention, the U-ViT's time / condition /
+CLS tokens) it is the share they give to image keys, so the mask still marks above-average image keys.
+
+base = pred_u without CFG (so pred = pred' + (1+s)(pred - pred'), Eq. 17), and with CFG
 base = pred_u + w (pred_c - pred_u) from ONE batched [uncond; cond] forward, mask and x0 from the
 unconditional half and the extra forward of B under the null condition (SPEC 4).
 
@@ -67,8 +72,8 @@ class SAG:
         self.cfg = CFG(model, self.w, **cond) if self.w is not None else None
         self.null = CFG(model, 0.0, **cond) if self.w is not None else None  # the null-condition pass
         self.plain = lambda x, t: model(x, t, **cond)
-        self.capture = capture_key_mass(model, layer, backend)
-        self.capture.active = False
+        self.hook = capture_key_mass(model, layer, backend)  # the key-mass hook on ``layer``
+        self.hook.active = False
 
     def _inside(self, t: torch.Tensor) -> torch.Tensor:
         if self.window is None:
@@ -79,9 +84,9 @@ class SAG:
         """The step without SAG: exactly what CFG / the plain network returns."""
         return self.cfg(x, t) if self.cfg is not None else self.plain(x, t)
 
-    def _forward(self, x, t):
-        """(pred_u, base) with the key mass of the unconditional samples recorded."""
-        self.capture.active, self.capture.rows = True, x.shape[0]
+    def _pass_with_mass(self, x, t):
+        """(pred_u, base) with the key mass of the unconditional samples recorded in ``hook.mass``."""
+        self.hook.active, self.hook.rows = True, slice(0, x.shape[0])
         try:
             if self.cfg is None or self.w == 0.0:
                 pred_u = self.unguided(x, t)
@@ -89,21 +94,22 @@ class SAG:
             pred_u, pred_c = self.cfg.pair(x, t)
             return pred_u, pred_u + self.w * (pred_c - pred_u)
         finally:
-            self.capture.active = False
+            self.hook.active = False
 
-    def degrade(self, x: torch.Tensor, pred: torch.Tensor, mass: torch.Tensor, t: torch.Tensor):
+    def _degraded(self, x: torch.Tensor, pred: torch.Tensor, mass: torch.Tensor, t: torch.Tensor):
         """x_deg of Eq. 16 re-noised with the model's own eps, with this objective's (a, b)."""
         x0, eps = self.param.x0_eps(x, pred, t)
         a, b = self.param.coeffs(t)
-        return sag_degrade(x, x0, eps, mass, a, b, self.threshold, *self.blur, backend=self.backend)
+        share = mass / mass.mean(dim=(1, 2), keepdim=True)  # above-average among the image keys
+        return sag_degrade(x, x0, eps, share, a, b, self.threshold, *self.blur, backend=self.backend)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inside = self._inside(t)
         # Without a window no host sync is needed to decide.
         if self.scale == 0.0 or (self.window is not None and not bool(inside.any())):
             return self.unguided(x, t)
-        pred_u, base = self._forward(x, t)
-        x_deg = self.degrade(x, pred_u, self.capture.mass, t)
+        pred_u, base = self._pass_with_mass(x, t)
+        x_deg = self._degraded(x, pred_u, self.hook.mass, t)
         pred_deg = (self.null if self.null is not None else self.plain)(x_deg, t)
         gain = self.param.input_gain(t).view(-1, *([1] * (x.dim() - 1)))
         delta = pred_u.float() - pred_deg.float() - gain * (x.float() - x_deg.float())
@@ -111,7 +117,7 @@ class SAG:
         return (base.float() + s * delta).to(base.dtype)
 
     def close(self) -> None:
-        self.capture.close()
+        self.hook.close()
 
     def __enter__(self) -> "SAG":
         return self
