@@ -34,7 +34,7 @@ from .cfg import CFG
 from .param import Parameterization
 
 
-def _check_args(blur, window, threshold) -> None:
+def check_sag_args(blur, window, threshold) -> None:
     k, sigma = blur
     if int(k) != k or k < 1 or k % 2 == 0 or not sigma > 0:
         raise ValueError(f"blur must be (odd kernel_size >= 1, sigma > 0), e.g. (9, 1.0); got {blur}")
@@ -43,6 +43,22 @@ def _check_args(blur, window, threshold) -> None:
                          f"(DDPM timestep, EDM sigma or flow t, whatever the sampler), or None for every step; got {window}")
     if threshold != threshold:
         raise ValueError("threshold must be a number (1.0: above-average attention), got nan")
+
+
+def sag_degraded(param: Parameterization, x, pred, mass, t, threshold: float = 1.0, blur=(9, 1.0),
+                 backend: str = "auto") -> torch.Tensor:
+    """x_deg of Eq. 16: x0 blurred where the key mass is above ``threshold`` times its mean over the
+    image keys, re-noised with the model's own eps with ``param``'s (a, b) at time t (B,)."""
+    x0, eps = param.x0_eps(x, pred, t)
+    a, b = param.coeffs(t)
+    share = mass / mass.mean(dim=(1, 2), keepdim=True)  # above-average among the image keys
+    return sag_degrade(x, x0, eps, share, a, b, threshold, *blur, backend=backend)
+
+
+def sag_delta(param: Parameterization, x, x_deg, pred_u, pred_deg, t) -> torch.Tensor:
+    """The guidance term pred_u - pred_deg - g (x_t - x_deg) in float32 (Eq. 17 on eps, mapped back)."""
+    gain = param.input_gain(t).view(-1, *([1] * (x.dim() - 1)))
+    return pred_u.float() - pred_deg.float() - gain * (x.float() - x_deg.float())
 
 
 class SAG:
@@ -62,7 +78,7 @@ class SAG:
                  backend: str = "auto", **cond):
         if isinstance(model, CFG):
             model, w, cond = model.net, model.w, {**model.cond, **cond}
-        _check_args(blur, window, threshold)
+        check_sag_args(blur, window, threshold)
         if w is not None and not any(v is not None for v in cond.values()):
             raise ValueError("w (the CFG scale) needs a condition: pass y=... for a conditional "
                              "model, or w=None for an unconditional one")
@@ -96,24 +112,16 @@ class SAG:
         finally:
             self.hook.active = False
 
-    def _degraded(self, x: torch.Tensor, pred: torch.Tensor, mass: torch.Tensor, t: torch.Tensor):
-        """x_deg of Eq. 16 re-noised with the model's own eps, with this objective's (a, b)."""
-        x0, eps = self.param.x0_eps(x, pred, t)
-        a, b = self.param.coeffs(t)
-        share = mass / mass.mean(dim=(1, 2), keepdim=True)  # above-average among the image keys
-        return sag_degrade(x, x0, eps, share, a, b, self.threshold, *self.blur, backend=self.backend)
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inside = self._inside(t)
         # Without a window no host sync is needed to decide.
         if self.scale == 0.0 or (self.window is not None and not bool(inside.any())):
             return self.unguided(x, t)
         pred_u, base = self._pass_with_mass(x, t)
-        x_deg = self._degraded(x, pred_u, self.hook.mass, t)
+        x_deg = sag_degraded(self.param, x, pred_u, self.hook.mass, t, self.threshold, self.blur, self.backend)
         pred_deg = (self.null if self.null is not None else self.plain)(x_deg, t)
-        gain = self.param.input_gain(t).view(-1, *([1] * (x.dim() - 1)))
-        delta = pred_u.float() - pred_deg.float() - gain * (x.float() - x_deg.float())
-        s = (self.scale * inside.float()).view_as(gain)
+        delta = sag_delta(self.param, x, x_deg, pred_u, pred_deg, t)
+        s = (self.scale * inside.float()).view(-1, *([1] * (x.dim() - 1)))
         return (base.float() + s * delta).to(base.dtype)
 
     def close(self) -> None:
