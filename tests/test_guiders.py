@@ -180,3 +180,34 @@ def test_old_diffusers_fails_in_one_line_naming_the_version(monkeypatch):
         importlib.import_module("sgengine.guidance.guiders")
     assert "diffusers >= 0.36" in str(err.value) and "installed 0.35.2" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
+def test_pag_guider_matches_diffusers_sd3_pag_pipeline_where_it_keeps_the_qk_norm(qk_norm):
+    """diffusers' PAGJointAttnProcessor2_0 perturbs the image-image block (right) but skips norm_q /
+    norm_k: with qk_norm=None (SD3) both agree; with SD3.5's rms_norm its perturbed branch is not the
+    model's attention, and ours (the norms kept, the adapters' identity op) differs from it."""
+    from diffusers import StableDiffusion3PAGPipeline
+    pipe, kw = tp.sd3(qk_norm=qk_norm)
+    theirs = StableDiffusion3PAGPipeline(
+        transformer=pipe.transformer, scheduler=pipe.scheduler, vae=None, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, pag_applied_layers=["blocks.1"])
+    want = theirs(**kw, num_inference_steps=2, generator=torch.Generator().manual_seed(0), guidance_scale=W_CFG,
+                  pag_scale=3.0, output_type="latent").images
+    ours = run((pipe, kw), PAGGuider(guidance_scale=W_CFG, perturbed_guidance_scale=3.0,
+                                     layer="transformer_blocks.1.attn"))[0]
+    if qk_norm is None:
+        torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    else:
+        assert (ours - want).abs().max() > 1e-3
+
+
+def test_diffusers_pag_guider_refuses_sd3_where_ours_runs():
+    """diffusers' PAG guider needs a registered attention processor; SD3's JointAttnProcessor2_0 is not."""
+    from diffusers.guiders import PerturbedAttentionGuidance
+    sd3 = tp.sd3()  # its own: the failed run may leave diffusers' hook registry on the model
+    theirs = PerturbedAttentionGuidance(guidance_scale=W_CFG, perturbed_guidance_scale=3.0, perturbed_guidance_layers=[1],
+                                        perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0)
+    with pytest.raises(ValueError, match="JointAttnProcessor2_0.* not registered"):
+        run(sd3, theirs, steps=3)
+    assert run(sd3, PAGGuider(guidance_scale=W_CFG, layer="transformer_blocks.1.attn"), steps=3)[1] == 9
