@@ -13,6 +13,14 @@ ones included). Providers, both on the image-query rows q[:, :, :4096] against a
 
 Goal (issue 19): peak memory of "sgengine" <= 0.05 x the materialised one's, on a CPU and on a GPU.
 
+``test_dit_guider_step``: one denoising step of an SD3 transformer (random weights; on a GPU 8
+blocks of 24 x 64 at a 64x64 latent, 1024 image tokens, B=2, bf16; else a tiny one) through
+diffusers' guider protocol as the modular SD3 loop runs it: "cfg" (``ClassifierFreeGuidance``:
+cond and uncond passes of B), "sag" (``SAGGuider``: the same two passes, the key mass read during
+the uncond one, the degrade and one more pass of B) and "pag" (``PAGGuider``). Goal: SAG+CFG over
+CFG <= 1.55 (three passes against two is 1.5); ``sag_over_cfg`` / ``pag_over_cfg`` in each row,
+from medians measured side by side.
+
 Two ways to run it:
 - ``pytest benchmarks/bench_dit.py --benchmark-only``: on a GPU at SD3 size, bfloat16, with time,
   ``torch.cuda.max_memory_allocated`` above the inputs for both providers and their ratio
@@ -35,8 +43,10 @@ import time
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 import roofline
-from benchlib import DEVICE, ON_GPU, check_budget, peak_memory, record, sizes, timed
+from benchlib import DEVICE, ON_GPU, check_budget, import_installed, peak_memory, record, sizes, timed
 
 from sgengine.kernels.attention_key_mass import attention_with_key_mass, attention_with_key_mass_ref
 
@@ -87,6 +97,92 @@ def _check(benchmark, q, k, v) -> None:
     truth = image_mass("materialised", q.float(), k.float(), v.float())
     for name, i, floor in (("out", 0, 1e-3), ("mass", 1, 1e-5)):
         check_budget(benchmark, name, got[i], low[i], truth[i], floor)
+
+
+# (layers, heads, head dim, latent side, batch)
+STEP_SHAPES = sizes([(8, 24, 64, 64, 2)], (2, 4, 8, 16, 1))
+CPU_STEP = (4, 8, 32, 32, 2)  # ``python benchmarks/bench_dit.py --step``: 256 image tokens
+
+
+def sd3_step_inputs(layers, heads, head_dim, side, B, dtype):
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    width = heads * head_dim
+    net = SD3Transformer2DModel(sample_size=side, patch_size=2, in_channels=16, num_layers=layers,
+                                attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=64,
+                                caption_projection_dim=width, pooled_projection_dim=64, out_channels=16,
+                                pos_embed_max_size=side // 2)
+    net = net.to(DEVICE, dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 16, side, side, generator=g).to(DEVICE, dtype)
+    cond, uncond = ((torch.randn(B, 77, 64, generator=g).to(DEVICE, dtype),
+                     torch.randn(B, 64, generator=g).to(DEVICE, dtype)) for _ in range(2))
+    return net, x, torch.tensor(700.0, device=DEVICE), cond, uncond
+
+
+def guided_step(guider, net, x, t, cond, uncond):
+    """One step of diffusers' guider protocol, as StableDiffusion3LoopDenoiser runs it."""
+    guider.set_state(step=0, num_inference_steps=1, timestep=t)
+    batches = guider.prepare_inputs({"hidden_states": (x, x), "encoder_hidden_states": (cond[0], uncond[0]),
+                                     "text_embeds": (cond[1], uncond[1])})
+    for batch in batches:
+        guider.prepare_models(net)
+        batch.noise_pred = net(hidden_states=batch.hidden_states, timestep=t.expand(x.shape[0]),
+                               encoder_hidden_states=batch.encoder_hidden_states,
+                               pooled_projections=batch.text_embeds, return_dict=False)[0]
+        guider.cleanup_models(net)
+    return guider(batches).pred
+
+
+def step_guiders() -> dict:
+    from diffusers.guiders import ClassifierFreeGuidance
+    from sgengine.guidance.guiders import PAGGuider, SAGGuider
+    return {"cfg": ClassifierFreeGuidance(guidance_scale=5.0), "sag": SAGGuider(guidance_scale=5.0, sag_scale=0.75),
+            "pag": PAGGuider(guidance_scale=5.0, perturbed_guidance_scale=3.0)}
+
+
+def step_medians(steps: dict, n: int) -> dict:
+    """Median ms of each step over ``n`` interleaved rounds (side by side: load hits all alike)."""
+    times = {name: [] for name in steps}
+    for _ in range(n):
+        for name, run in steps.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * sorted(ts)[n // 2] for name, ts in times.items()}
+
+
+def step_runs(shape) -> tuple[dict, float, int]:
+    """(the three guided steps, forward FLOPs per image, parameters) of one shape, warmed up."""
+    import_installed("kernels")  # before diffusers: see benchlib.import_installed
+    inputs = sd3_step_inputs(*shape, torch.bfloat16 if ON_GPU else torch.float32)
+    steps = {name: timed(torch.no_grad()(lambda g=g: guided_step(g, *inputs))) for name, g in step_guiders().items()}
+    for run in steps.values():  # warm up (autotune) outside the timing
+        run()
+    net, x, t, cond, _ = inputs
+    # The math attention backend: the counter has no formula for the CPU flash kernel.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        net(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=cond[0], pooled_projections=cond[1])
+    return steps, counter.get_total_flops() / x.shape[0], sum(p.numel() for p in net.parameters())
+
+
+_MEASURED: dict = {}
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "L{}-H{}x{}-latent{}-B{}".format(*s))
+@pytest.mark.parametrize("provider", ["cfg", "sag", "pag"])
+def test_dit_guider_step(benchmark, provider, shape):
+    pytest.importorskip("diffusers")
+    if shape not in _MEASURED:  # the three providers' medians once per shape, side by side
+        steps, flops, params = step_runs(shape)
+        _MEASURED[shape] = steps, flops, params, step_medians(steps, 10 if ON_GPU else 2)
+    steps, flops, params, ms = _MEASURED[shape]
+    benchmark(steps[provider])
+    layers, heads, head_dim, side, B = shape
+    work = roofline.guided_passes(flops, B, params, 2 if provider == "cfg" else 3, 2 if ON_GPU else 4)
+    record(benchmark, work, provider=provider, layers=layers, heads=heads, head_dim=head_dim, latent=side, batch=B,
+           image_tokens=(side // 2) ** 2, **{f"{k}_ms": v for k, v in ms.items()},
+           sag_over_cfg=ms["sag"] / ms["cfg"], pag_over_cfg=ms["pag"] / ms["cfg"], target_ratio=1.55)
 
 
 # -- the CPU measurement: one fresh process per provider and round ------------------------------
@@ -143,10 +239,17 @@ def measure(rounds: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds per provider (default 1)")
+    p.add_argument("--step", action="store_true", help=f"the guided-step ratios on the CPU instead, {CPU_STEP} "
+                   "(layers, heads, head dim, latent side, batch), float32, --rounds interleaved rounds")
     p.add_argument("--child", choices=list(PROVIDERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child)))
+        return 0
+    if args.step:
+        ms = step_medians(step_runs(CPU_STEP)[0], args.rounds)
+        print(json.dumps({"shape": CPU_STEP, **cpu_facts(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                          "ms": ms, "sag_over_cfg": ms["sag"] / ms["cfg"], "pag_over_cfg": ms["pag"] / ms["cfg"]}, indent=1))
         return 0
     result = measure(args.rounds)
     print(json.dumps(result, indent=1))

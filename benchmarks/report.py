@@ -22,6 +22,7 @@ PROVIDER_PARAMS = ("provider", "mode", "compile_", "stage")
 FAMILIES = {
     "test_attention_key_mass": ("attention with per-key mass", "sdpa"),
     "test_dit_key_mass": ("key mass at SD3-medium's joint attention", "materialised"),
+    "test_dit_guider_step": ("guided step of an SD3 transformer (diffusers guiders)", "cfg"),
     "test_sag_degrade": ("fused SAG degrade", "torch-chain"),
     "test_sag_cfg_step": ("SAG+CFG sampling step", "cfg"),
     "test_lloyd_iteration": ("k-means Lloyd iteration", "torch-fp32"),

@@ -114,6 +114,13 @@ def sample_step(fwd_flops_per_img: float, batch: int, params: int, kind: str) ->
     return Work(images * fwd_flops_per_img, reads * 4 * params, MATMUL_UNITS[2])
 
 
+def guided_passes(fwd_flops_per_img: float, batch: int, params: int, passes: int, elem_bytes: int) -> Work:
+    """One step through a diffusers guider (bench_dit.py): ``passes`` separate forwards of ``batch``
+    (CFG 2; SAG, PAG or SEG with CFG 3). FLOPs: passes x batch x forward FLOPs per image. Bytes: the
+    weights (elem_bytes each) read once per pass; activations are negligible beside them."""
+    return Work(passes * batch * fwd_flops_per_img, passes * elem_bytes * params, MATMUL_UNITS[elem_bytes])
+
+
 def train_step(flops_per_img: float, batch: int, params: int) -> Work:
     """One training step (bench_train.py). FLOPs: batch x the forward + backward FLOPs of one
     image (3x the forward for convolutions and matmuls), bf16 autocast.

@@ -234,6 +234,9 @@ FAMILIES = [
     ("DiT attention", "key mass of SD3-medium's image queries (B=2, 24 heads, 4096 image + 333 text tokens) vs "
      "the materialised map: time, max_memory_allocated and their ratio", "bench_dit.py", "test_dit_key_mass",
      "img4096", 60),
+    ("DiT guided step", "one step of an SD3 transformer (8 blocks of 24 x 64, 1024 image tokens, B=2) through "
+     "diffusers' guider protocol: SAG+CFG and PAG+CFG over CFG (needs diffusers)", "bench_dit.py",
+     "test_dit_guider_step", "latent64", 60),
 ]
 
 

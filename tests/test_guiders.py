@@ -120,6 +120,29 @@ def test_one_sag_step_equals_the_formula_by_hand(step_inputs):
 
 
 @torch.no_grad()
+def test_sag_term_composes_with_apg_unchanged(step_inputs):
+    """APG replaces only the CFG part: SAG+APG - APG = SAG+CFG - CFG (the shared passes feed both)."""
+    apg = lambda: AdaptiveProjectedGuidance(guidance_scale=W_CFG, eta=0.0, adaptive_projected_guidance_rescale=2.0)
+    net, x, t, cond, uncond = step_inputs
+    with_apg = loop_step(SAGGuider(sag_scale=S, cfg=apg()), net, x, t, cond, uncond) - loop_step(apg(), net, x, t, cond, uncond)
+    with_cfg = (loop_step(SAGGuider(guidance_scale=W_CFG, sag_scale=S), net, x, t, cond, uncond)
+                - loop_step(ClassifierFreeGuidance(guidance_scale=W_CFG), net, x, t, cond, uncond))
+    assert with_cfg.abs().max() > 1e-3
+    torch.testing.assert_close(with_apg, with_cfg, atol=1e-5, rtol=1e-5)
+
+
+def test_block_state_inputs_pick_the_condition_of_each_pass():
+    from diffusers.modular_pipelines.modular_pipeline import BlockState
+    state = BlockState(latents=torch.zeros(1), prompt_embeds=torch.ones(1), negative_prompt_embeds=-torch.ones(1))
+    fields = {"hidden_states": "latents", "encoder_hidden_states": ("prompt_embeds", "negative_prompt_embeds")}
+    for guider, under in ((SAGGuider(guidance_scale=W_CFG), -1.0), (PAGGuider(guidance_scale=W_CFG), 1.0)):
+        guider.set_state(step=0, num_inference_steps=1, timestep=torch.tensor(500.0))
+        batches = guider.prepare_inputs_from_block_state(state, fields)
+        assert [b.encoder_hidden_states.item() for b in batches] == [1.0, -1.0, under]
+        assert [getattr(b, "__guidance_identifier__") for b in batches][2] == guider.extra
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("mode", ["pag", "seg"])
 def test_one_perturbed_step_equals_the_formula(step_inputs, mode):
     net, x, t, cond, uncond = step_inputs

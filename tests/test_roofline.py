@@ -32,6 +32,8 @@ def test_formulas_count_flops_and_bytes_exactly():
     assert (sk.flops, sk.bytes) == (10 * (3 + 12), 10 * (2 + 4))
     assert [(w.flops, w.bytes) for w in (roofline.sample_step(100, 4, 10, k) for k in ("plain", "cfg", "sag"))] == \
         [(400, 40), (800, 40), (1200, 80)]
+    guided = roofline.guided_passes(100, 2, 10, passes=3, elem_bytes=2)
+    assert (guided.flops, guided.bytes) == (600, 60)
     assert (roofline.train_step(300, 2, 10).flops, roofline.train_step(300, 2, 10).bytes) == (600, 280)
 
 
