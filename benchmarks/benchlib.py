@@ -6,10 +6,8 @@ throughput in ``benchmark.extra_info``. Without a GPU only a tiny smoke size run
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 
 import torch
 
@@ -26,18 +24,18 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 
 def import_installed(name: str) -> None:
-    """Import the installed package ``name`` while the repository root is off sys.path. transformers
-    (imported by diffusers) imports Hugging Face's ``kernels`` package when it is installed, and under
-    ``python -m pytest`` the root's ``kernels/`` (installed as sgengine.kernels) would shadow it."""
-    if name in sys.modules:
-        return
+    """Import the installed package ``name`` without the repository root on sys.path: under ``python -m
+    pytest`` the root's ``kernels/`` (installed as sgengine.kernels) would shadow Hugging Face's
+    ``kernels``, which transformers imports when it is installed (diffusers' SD3 / Flux models)."""
+    import importlib
+    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     kept = sys.path[:]
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
     try:
         importlib.import_module(name)
     except ImportError:
-        pass  # not installed: nothing looks for it then
+        pass  # not installed: nothing imports it then
     finally:
         sys.path[:] = kept
 

@@ -38,6 +38,8 @@ _EXPORTS = {
     **dict.fromkeys(("cluster_report", "format_report"), "eval.cluster"),
     **dict.fromkeys(("SAG", "DiffusersDenoiser", "capture_key_mass", "list_attention_layers"), "guidance"),
     "CFG": "guidance.cfg",
+    **dict.fromkeys(("pag", "sag", "seg"), "guidance.pipeline_guidance"),
+    "scheduler_param": "guidance.schedulers",
     **dict.fromkeys(("UNET_PRESETS", "UNet", "UNetConfig", "unet_config"), "models.unet"),
     **dict.fromkeys(("Generator", "load_generator", "sample"), "sampling"),
     "EMA": "training.ema",

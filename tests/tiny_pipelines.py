@@ -143,6 +143,20 @@ def sdxl():
     return pipe, kw
 
 
+def _eval(builder):
+    """Models leave their constructors in training mode (DiT's label embedding then drops labels at random)."""
+    def build(*args, **kwargs):
+        pipe, kw = builder(*args, **kwargs)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, kw
+    build.__name__ = builder.__name__
+    return build
+
+
+sd, sdxl, sd3, flux, pixart, sana, dit = map(_eval, (sd, sdxl, sd3, flux, pixart, sana, dit))
 BUILDERS = {"sd": sd, "sdxl": sdxl, "sd3": sd3, "flux": flux, "pixart": pixart, "sana": sana, "dit": dit}
 
 

@@ -71,11 +71,11 @@ def scheduler_param(scheduler, image_seq_len: int | None = None, sigmas=None) ->
 
 def _flow_grid(scheduler, image_seq_len, sigmas):
     dynamic = bool(scheduler.config.get("use_dynamic_shifting", False))
-    if dynamic and image_seq_len is None:
-        raise ValueError(f"{type(scheduler).__name__} shifts dynamically: pass image_seq_len (the image's token "
-                         "count, e.g. (H/2)(W/2) for a Flux latent of H x W)")
 
-    def grid(steps: int) -> torch.Tensor:
+    def grid(steps: int) -> torch.Tensor:  # (SAG's steps never ask for it: the error comes only here)
+        if dynamic and image_seq_len is None:
+            raise ValueError(f"{type(scheduler).__name__} shifts dynamically: pass image_seq_len (the image's token "
+                             "count, e.g. (H/2)(W/2) for a Flux latent of H x W)")
         sched = copy.deepcopy(scheduler)
         kw = {"mu": flow_shift_mu(scheduler, image_seq_len)} if dynamic else {}
         if sigmas is not None:

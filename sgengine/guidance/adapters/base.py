@@ -84,10 +84,20 @@ class Hook:
         start, stop, step = (slice(None) if self.rows is None else self.rows).indices(q.shape[0])
         if step != 1:
             raise ValueError(f"rows must be a contiguous slice, got {self.rows}")
-        picked = self._apply(q[start:stop], k[start:stop], v[start:stop], tokens, ops)
-        rest = [(s, ops.plain(q[s], k[s], v[s])) for s in (slice(0, start), slice(stop, q.shape[0]))
-                if s.stop > s.start]
-        return torch.cat([t for _, t in sorted([(slice(start, stop), picked), *rest], key=lambda p: p[0].start)])
+        if start >= stop:
+            return ops.plain(q, k, v)
+        pieces = [ops.plain(q[:start], k[:start], v[:start])] if start else []
+        pieces.append(self._apply(q[start:stop], k[start:stop], v[start:stop], tokens, ops))
+        if stop < q.shape[0]:
+            pieces.append(ops.plain(q[stop:], k[stop:], v[stop:]))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def image_tokens(self) -> int:
+        """h * w of the last forward's grid (set by the root network's forward)."""
+        if self.grid is None:
+            raise ValueError(f"the token grid of {self.layer!r} is unknown: run the whole network (its forward "
+                             "sets the grid), not the layer alone")
+        return self.grid[0] * self.grid[1]
 
     def _apply(self, q, k, v, tokens, ops):
         if self.mode == "capture":
@@ -96,16 +106,15 @@ class Hook:
             return out
         if self.mode == "pag":
             return ops.identity(q, k, v, tokens)
+        self.image_tokens()  # the blur needs the grid
         return ops.smoothed(q, k, v, tokens, self.grid, self.sigma)
 
     def to_grid(self, mass: torch.Tensor) -> torch.Tensor:
         """(B, Ni) -> (B, h, w) on the token grid of this forward."""
-        if self.grid is None:
-            raise ValueError(f"the token grid of {self.layer!r} is unknown: no (B, C, H, W) input was seen")
-        h, w = self.grid
-        if h * w != mass.shape[1]:
-            raise ValueError(f"{self.layer!r} has {mass.shape[1]} image keys but its token grid is {h}x{w}")
-        return mass.reshape(mass.shape[0], h, w)
+        if self.image_tokens() != mass.shape[1]:
+            raise ValueError(f"{self.layer!r} has {mass.shape[1]} image keys but its token grid is "
+                             f"{self.grid[0]}x{self.grid[1]}")
+        return mass.reshape(mass.shape[0], *self.grid)
 
     def close(self) -> None:
         """Restore the layer (idempotent)."""
@@ -194,7 +203,7 @@ class AttentionAdapter:
         self.watch_root(hook, lambda args, kwargs: self.latent_grid(self.argument(args, kwargs, name)))
 
     def latent_grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """Token grid (h, w) of a (B, C, H, W) latent, patch size ``self.patch``; one-line error if it does not divide."""
+        """Token grid (h, w) of a (B, C, H, W) latent over ``self.patch``; a one-line error if it does not divide."""
         if not torch.is_tensor(x) or x.dim() != 4:
             raise ValueError(f"{type(self.root).__name__} expects a (B, C, H, W) latent, got "
                              f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
@@ -211,6 +220,8 @@ def middle(names: list[str]) -> str:
     mid-block (its most global, least textured attention) has no direct analogue; half depth is the
     stack's middle, past the early blocks that mostly see patches and before the late ones that
     render detail."""
+    if not names:
+        raise ValueError("this network has no image-image attention layer to guide with")
     return names[len(names) // 2]
 
 
@@ -221,6 +232,8 @@ def install_processor(module: nn.Module, processor, hook: Hook, expect: tuple[st
     step, so any other processor (fused projections, xformers, IP-adapter) is refused in one line.
     """
     original = module.processor
+    if isinstance(getattr(original, "hook", None), Hook):
+        raise ValueError(f"{layer!r} already has a guidance hook ({original.hook.mode}): close it first")
     if type(original).__name__ not in expect:
         raise TypeError(f"{layer!r} runs {type(original).__name__}; sgengine mirrors {' / '.join(expect)}: "
                         "call set_default_attn_processor() (and unfuse_qkv_projections()) first")

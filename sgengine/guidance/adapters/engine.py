@@ -46,12 +46,14 @@ class EngineAdapter(AttentionAdapter):
     def install(self, layer: str, hook: Hook) -> None:
         modules = dict(self.root.named_modules())
         module, original = modules[layer], modules[layer].attend
+        if getattr(original, "hook", None) is not None:
+            raise ValueError(f"{layer!r} already has a guidance hook ({original.hook.mode}): close it first")
         ops = dataclasses.replace(SOFTMAX, plain=original)
 
         def attend(q, k, v):
             if not hook.active:
                 return original(q, k, v)
-            n = hook.grid[0] * hook.grid[1]
+            n = hook.image_tokens()
             tokens = Tokens(slice(q.shape[2] - n, q.shape[2]), slice(k.shape[2] - n, k.shape[2]))
             return hook.run(q, k, v, tokens, ops)
 
@@ -60,6 +62,7 @@ class EngineAdapter(AttentionAdapter):
         else:  # the UNet's attention block sees the (B, C, h, w) map: its spatial size is the grid
             parent = modules[layer.rpartition(".")[0]] if "." in layer else self.root
             hook.undo.append(parent.register_forward_pre_hook(lambda m, args: _see_grid(hook, args)).remove)
+        attend.hook = hook
         module.attend = attend
         hook.undo.append(lambda: setattr(module, "attend", original))
 

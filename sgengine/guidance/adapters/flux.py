@@ -60,7 +60,7 @@ class FluxProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        n, img = q.shape[1], hook.grid[0] * hook.grid[1]
+        n, img = q.shape[1], hook.image_tokens()
         tokens = Tokens(slice(n - img, n), slice(n - img, n))  # [txt; img]: image tokens last
         out = hook.run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), tokens).transpose(1, 2)
         out = out.flatten(2, 3).to(q.dtype)

@@ -42,7 +42,11 @@ class UNetAdapter(AttentionAdapter):
 
     @property
     def default_layer(self) -> str:
-        return next(name for name in self.layers() if name.startswith("mid_block"))
+        mid = [name for name in self.layers() if name.startswith("mid_block")]
+        if not mid:
+            raise ValueError(f"{type(self.root).__name__} has no mid-block self-attention: pass the layer, "
+                             f"one of {self.layers()}")
+        return mid[0]
 
     def install(self, layer: str, hook: Hook) -> None:
         modules = dict(self.root.named_modules())
