@@ -234,3 +234,22 @@ def test_diffusers_pag_guider_refuses_sd3_where_ours_runs():
     with pytest.raises(ValueError, match="JointAttnProcessor2_0.* not registered"):
         run(sd3, theirs, steps=3)
     assert run(sd3, PAGGuider(guidance_scale=W_CFG, layer="transformer_blocks.1.attn"), steps=3)[1] == 9
+
+
+@pytest.mark.parametrize("mode", ["sag", "pag", "seg"])
+def test_guider_equals_the_pipeline_drop_in(sd3, mode):
+    """The same guided run through the modular pipeline's guider and through sg.sag / sg.pag / sg.seg
+    on StableDiffusion3Pipeline (one batched [uncond; cond] forward plus the extra one): equal up to
+    the batched matmuls' rounding."""
+    import sgengine as sg
+    pipe, kw = sd3
+    guider, drop_in = {
+        "sag": (SAGGuider(guidance_scale=W_CFG, sag_scale=S, scheduler=pipe.scheduler), lambda: sg.sag(pipe, scale=S)),
+        "pag": (PAGGuider(guidance_scale=W_CFG, perturbed_guidance_scale=3.0), lambda: sg.pag(pipe, scale=3.0)),
+        "seg": (SEGGuider(guidance_scale=W_CFG, seg_guidance_scale=3.0, seg_blur_sigma=10.0),
+                lambda: sg.seg(pipe, scale=3.0, sigma=10.0))}[mode]
+    with drop_in():
+        want = tp.run(pipe, kw, steps=2, guidance_scale=W_CFG)
+    got = run(sd3, guider)[0]
+    assert (got - run(sd3, ClassifierFreeGuidance(guidance_scale=W_CFG))[0]).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
