@@ -55,17 +55,18 @@ MIN_DIFFUSERS = "0.36"  # dict inputs to prepare_inputs (0.35's guiders took a B
 
 
 def _guider_api():
+    """diffusers' guider API, or an ImportError of one line naming the version needed."""
+    fix = f"pip install -U 'diffusers>={MIN_DIFFUSERS}'"
     try:
         import diffusers
-        from diffusers.configuration_utils import register_to_config
-        from diffusers.guiders import BaseGuidance, ClassifierFreeGuidance
-        from diffusers.guiders.guider_utils import GuiderOutput
-    except ImportError as err:
-        raise ImportError(f"sgengine.guidance.guiders needs diffusers >= {MIN_DIFFUSERS} (diffusers.guiders): "
-                          f"pip install -U 'diffusers>={MIN_DIFFUSERS}' ({err})") from None
-    if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) < (0, 36):
-        raise ImportError(f"sgengine.guidance.guiders needs diffusers >= {MIN_DIFFUSERS} (dict guider inputs); "
-                          f"installed {diffusers.__version__}: pip install -U 'diffusers>={MIN_DIFFUSERS}'")
+    except ImportError:
+        raise ImportError(f"sgengine.guidance.guiders needs diffusers >= {MIN_DIFFUSERS}: {fix}") from None
+    if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) < tuple(map(int, MIN_DIFFUSERS.split("."))):
+        raise ImportError(f"sgengine.guidance.guiders needs diffusers >= {MIN_DIFFUSERS} (guiders taking a dict of "
+                          f"inputs); installed {diffusers.__version__}: {fix}")
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.guiders import BaseGuidance, ClassifierFreeGuidance
+    from diffusers.guiders.guider_utils import GuiderOutput
     return register_to_config, BaseGuidance, ClassifierFreeGuidance, GuiderOutput
 
 
