@@ -135,7 +135,7 @@ def rank_memory(data: str, size: int) -> dict:
 
 
 def two_ranks(data: str, size: int) -> list[dict]:
-    cmd = [sys.executable, __file__, "--rank-worker", data, "--size", str(size)]
+    cmd = [sys.executable, __file__, "--rank_worker", data, "--size", str(size)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--rank-worker", help=argparse.SUPPRESS)
+    p.add_argument("--rank_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rank_worker:
         print(json.dumps(rank_memory(args.rank_worker, args.size)))

@@ -191,8 +191,8 @@ def compare_args(r: Run, timeout: float) -> list[str] | str:
     """The comparison's command line with a step budget that fits ``timeout``, or why it cannot run."""
     out = str(r.work / "compare")
     if r.smoke:
-        return ["--data", "digits", "--preset", "tiny", "--methods", "none,labels", "--budget-steps", "2",
-                "--eval-every", "2", "--eval-n", "30", "--clf-epochs", "1", "--clf-max-iters", "10", "--out", out]
+        return ["--data", "digits", "--preset", "tiny", "--methods", "none,labels", "--budget_steps", "2",
+                "--eval_every", "2", "--eval_n", "30", "--clf_epochs", "1", "--clf_max_iters", "10", "--out", out]
     data = find_data(r)
     if data is None:
         return f"no {DATA_NAME}: copy it to .data/ and carry .data (benchmarks/README.md)"
@@ -204,7 +204,7 @@ def compare_args(r: Run, timeout: float) -> list[str] | str:
     if steps < 50:
         return f"{timeout:.0f} s left fits only {steps} training steps a method"
     return ["--data", str(data), "--preset", "in32", "--size", "32", "--methods", ",".join(methods),
-            "--budget-steps", str(steps), "--eval-every", str(steps), "--eval-n", "1000", "--clf-epochs", "2",
+            "--budget_steps", str(steps), "--eval_every", str(steps), "--eval_n", "1000", "--clf_epochs", "2",
             "--out", out]
 
 

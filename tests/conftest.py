@@ -2,6 +2,15 @@
 importing from ``conftest`` would get benchmarks/conftest.py when one pytest call collects both.
 """
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the working directory (the repo root) on sys.path, and there the repo's
+# top-level kernels/ (installed as sgengine.kernels) shadows Hugging Face's `kernels` package, which
+# transformers >= 5 requires and probes on import (diffusers' pipelines then fail to import).
+# sgengine itself is imported from its installation (`pip install -e .`), so the root can go.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 # The Triton interpreter must be on before triton is imported, so that
 # backend="triton" can run on CPU tensors in tests.

@@ -350,8 +350,8 @@ def test_cli_random_vit_on_digits(tmp_path, tiny_vit, capsys):
     for method in ("labels", "boxes", "segments"):
         out = tmp_path / f"{method}.safetensors"
         rc = main(["--data", "digits", "--size", "16", "--method", method, "--extractor", name,
-                   "--weights", str(weights), "--img-size", "32", "--k", "10", "--out", str(out),
-                   "--steps", "20", "--batch-size", "512", "--quiet"])
+                   "--weights", str(weights), "--img_size", "32", "--k", "10", "--out", str(out),
+                   "--steps", "20", "--batch_size", "512", "--quiet"])
         assert rc == 0, capsys.readouterr().err
         ann = _check_file(out, method)
         assert ann.settings["features"]["extractor"] == name

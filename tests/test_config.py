@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sgengine.common.flags import ConfigError, kebab_alias
+from sgengine.common.flags import ConfigError, join_negative_values
 from sgengine.config import PRESETS, TrainConfig, apply_overrides, from_dict, parse_args, preset, to_dict
 
 BAD_FLAGS = [  # (argv, text the one error line must contain)
@@ -80,10 +80,15 @@ def test_optional_fields_take_values_and_none():
     assert parse_args(base + ["--uvit.cond_dim", "16"]).uvit.cond_dim == 16
 
 
-def test_kebab_case_is_an_alias():
-    assert kebab_alias(["--batch-size", "3", "--model.channel-mult=1,2", "-h", "--x", "-3e-1"]) == \
-        ["--batch_size", "3", "--model.channel_mult=1,2", "-h", "--x=-3e-1"]
-    assert parse_args(["--batch-size", "3", "--grad-accum", "2"]).batch_size == 3
+def test_one_flag_spelling_kebab_case_is_refused_naming_the_flag(capsys):
+    """Issue 21: one spelling per flag (--snake_case); a kebab-case one fails before any work, naming the fix."""
+    assert join_negative_values(["--lr", "-3e-1", "-h", "--x=-1", "--n", "3"]) == ["--lr=-3e-1", "-h", "--x=-1", "--n", "3"]
+    assert parse_args(["--batch_size", "3", "--grad_accum", "2"]).batch_size == 3
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--batch-size", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "unknown flag --batch-size: flags are spelled --snake_case, use --batch_size" in err
 
 
 def test_help_shows_real_types(capsys):

@@ -70,7 +70,7 @@ def test_crf_bad_input_names_the_fix():
 def test_cli_segments_with_crf_on_digits(tmp_path, capsys):
     out = tmp_path / "seg.safetensors"
     args = ["--data", "digits", "--size", "8", "--method", "segments", "--extractor", "pixels", "--k", "5",
-            "--out", str(out), "--steps", "20", "--quiet", "--crf", "--crf-iters", "3"]
+            "--out", str(out), "--steps", "20", "--quiet", "--crf", "--crf_iters", "3"]
     assert main(args) == 0
     ann = load_annotations(out)
     assert ann.layout.shape == (1797, 5, 8, 8) and (ann.layout.sum(1) == 1).all()

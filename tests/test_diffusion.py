@@ -1,12 +1,20 @@
 import torch
 
 from sgengine.diffusion.ddpm import EpsilonLoss, predict_x0, q_sample
-from sgengine.diffusion.samplers import ddim_sample, ddpm_sample
+from sgengine.diffusion.param import eps_param
+from sgengine.diffusion.samplers import sample
 from sgengine.diffusion.schedules import alphas_cumprod, linear_betas, spaced_timesteps
 from sgengine.guidance.cfg import CFG
 from sgengine.models.unet import UNet, unet_config
 
 ABAR = alphas_cumprod(linear_betas())
+
+
+def _on_timesteps(sampler, net, x_T, ts, clip_x0=True, **options):
+    """``sampler`` on an eps network at diffusers-style descending timesteps from x_T (sample()'s unit noise)."""
+    param = eps_param(ABAR)
+    sigmas = torch.cat([param.sigma(torch.as_tensor(ts).double()), torch.zeros(1, dtype=torch.float64)])
+    return sample(param, net, x_T, sigmas=sigmas, sampler=sampler, clip_x0=clip_x0, **options)
 
 
 def _net():
@@ -36,13 +44,13 @@ def test_ddim_eta0_is_deterministic_and_w0_equals_plain():
     ts = spaced_timesteps(1000, 8)
 
     def run(eta, seed):
-        return ddim_sample(CFG(net, 0.0, y=y), x, ts, alphas_cumprod=ABAR, eta=eta,
-                           generator=torch.Generator().manual_seed(seed))
+        return _on_timesteps("ddim", CFG(net, 0.0, y=y), x, ts, eta=eta,
+                             generator=torch.Generator().manual_seed(seed))
     # The same two seeds: with eta > 0 they give different samples, so eta = 0 must be drawing no noise.
     assert not torch.allclose(run(0.5, 1), run(0.5, 2))
     a = run(0.0, 1)
     torch.testing.assert_close(a, run(0.0, 2), rtol=0, atol=0)
-    plain = ddim_sample(lambda x, t: net(x, t), x, ts, alphas_cumprod=ABAR)
+    plain = _on_timesteps("ddim", lambda x, t: net(x, t), x, ts)
     torch.testing.assert_close(a, plain, rtol=0, atol=0)
 
 
@@ -71,9 +79,9 @@ def test_ddpm_ancestral_uses_noise_and_matches_gaussian_data():
 
     x = torch.randn(20000, 1)
     ts = spaced_timesteps(1000, 200)
-    out = ddpm_sample(eps, x, ts, alphas_cumprod=ABAR, clip_x0=False, generator=torch.Generator().manual_seed(0))
+    out = _on_timesteps("ddpm", eps, x, ts, clip_x0=False, generator=torch.Generator().manual_seed(0))
     assert abs(out.std().item() - s) < 0.03
-    det = ddim_sample(eps, x, ts, alphas_cumprod=ABAR, clip_x0=False)
+    det = _on_timesteps("ddim", eps, x, ts, clip_x0=False)
     assert abs(det.std().item() - s) < 0.03
     assert not torch.allclose(out, det)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from sgengine.diffusion.edm import (
-    EDM_PRESETS, EDMConfig, EDMLoss, EDMPrecond, edm_renoise_coeffs, euler_sample, heun_sample,
-    karras_sigmas, x0_eps_from_denoised,
+    EDM_PRESETS, EDMConfig, EDMLoss, EDMPrecond, edm_renoise_coeffs, karras_sigmas, x0_eps_from_denoised,
 )
+from sgengine.diffusion.samplers import euler, heun
 
 MU, S = 0.3, 0.5
 
@@ -160,7 +160,7 @@ def test_karras_sigmas_rejects_bad_arguments(args):
 
 # -------------------------------------------------------------------------------- samplers
 
-@pytest.mark.parametrize("sampler, evals", [(heun_sample, lambda n: 2 * n - 1), (euler_sample, lambda n: n)])
+@pytest.mark.parametrize("sampler, evals", [(heun, lambda n: 2 * n - 1), (euler, lambda n: n)])
 @pytest.mark.parametrize("n", [1, 2, 18])
 def test_number_of_denoiser_evaluations(sampler, evals, n):
     denoise = gaussian_denoiser()
@@ -179,14 +179,14 @@ def test_heun_converges_to_closed_form_at_second_order():
         out = sampler(gaussian_denoiser(), x, sig[:-1])  # stop at sigma_min: the ODE is smooth there
         return (out - closed_form(x, sigma_max, sig[-2].item())).abs().max().item()
 
-    heun = [error(heun_sample, n) for n in (8, 16, 32)]
-    assert heun[1] < heun[0] / 3 and heun[2] < heun[1] / 3  # ~4x per halving: 2nd order
-    euler = [error(euler_sample, n) for n in (64, 128)]
-    assert euler[1] > euler[0] / 2.5  # ~2x per halving: 1st order
-    assert heun[2] < euler[1]  # Heun with 32 steps beats Euler with 128
-    fine_euler = euler_sample(gaussian_denoiser(), x, karras_sigmas(4096, 0.002, sigma_max))
-    heun_128 = heun_sample(gaussian_denoiser(), x, karras_sigmas(128, 0.002, sigma_max))
-    heun_512 = heun_sample(gaussian_denoiser(), x, karras_sigmas(512, 0.002, sigma_max))
+    heun_errs = [error(heun, n) for n in (8, 16, 32)]
+    assert heun_errs[1] < heun_errs[0] / 3 and heun_errs[2] < heun_errs[1] / 3  # ~4x per halving: 2nd order
+    euler_errs = [error(euler, n) for n in (64, 128)]
+    assert euler_errs[1] > euler_errs[0] / 2.5  # ~2x per halving: 1st order
+    assert heun_errs[2] < euler_errs[1]  # Heun with 32 steps beats Euler with 128
+    fine_euler = euler(gaussian_denoiser(), x, karras_sigmas(4096, 0.002, sigma_max))
+    heun_128 = heun(gaussian_denoiser(), x, karras_sigmas(128, 0.002, sigma_max))
+    heun_512 = heun(gaussian_denoiser(), x, karras_sigmas(512, 0.002, sigma_max))
     torch.testing.assert_close(heun_128, fine_euler, atol=1e-3, rtol=0)
     torch.testing.assert_close(heun_512, closed_form(x, sigma_max, 0.0), atol=5e-5, rtol=0)  # down to sigma = 0
 
@@ -198,7 +198,7 @@ def test_samples_have_the_data_mean_and_std(S_churn):
     g = torch.Generator().manual_seed(3)
     cfg = dataclasses.replace(EDM_PRESETS["cifar-cedm"], steps=64)
     x = MU + math.sqrt(S**2 + cfg.sigma_max**2) * torch.randn(2000, 1, 4, 4, generator=g)
-    out = heun_sample(gaussian_denoiser(), x, cfg.sigmas(), S_churn=S_churn, generator=g)
+    out = heun(gaussian_denoiser(), x, cfg.sigmas(), S_churn=S_churn, generator=g)
     se = S / math.sqrt(out.numel())
     assert abs(out.mean().item() - MU) < 6 * se + 1e-3
     assert out.std().item() == pytest.approx(S, rel=0.02)
@@ -209,7 +209,7 @@ def test_churn_is_reproducible_and_deterministic_without_it():
     sig = karras_sigmas(6)
 
     def run(seed, churn):
-        return heun_sample(gaussian_denoiser(), x, sig, S_churn=churn, generator=torch.Generator().manual_seed(seed))
+        return heun(gaussian_denoiser(), x, sig, S_churn=churn, generator=torch.Generator().manual_seed(seed))
 
     torch.testing.assert_close(run(0, 30.0), run(0, 30.0))
     assert not torch.allclose(run(0, 30.0), run(1, 30.0))
@@ -219,20 +219,20 @@ def test_churn_is_reproducible_and_deterministic_without_it():
 def test_sampler_keeps_float64_and_promotes_half():
     den = gaussian_denoiser()
     x64 = torch.randn(2, 1, 2, 2, dtype=torch.float64)
-    assert heun_sample(den, x64, karras_sigmas(3), progress=True).dtype == torch.float64
-    assert euler_sample(den, torch.randn(2, 1, 2, 2).half(), karras_sigmas(3)).dtype == torch.float32
+    assert heun(den, x64, karras_sigmas(3), progress=True).dtype == torch.float64
+    assert euler(den, torch.randn(2, 1, 2, 2).half(), karras_sigmas(3)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("sigmas", [[80.0], [1.0, 2.0, 0.0], [1.0, 0.0, 0.0], [1.0, -0.5], [[1.0, 0.0]],
                                     [float("nan"), 0.0]])
 def test_sampler_rejects_bad_sigmas(sigmas):
     with pytest.raises(ValueError, match="sigmas"):
-        heun_sample(gaussian_denoiser(), torch.zeros(1, 1, 2, 2), torch.tensor(sigmas))
+        heun(gaussian_denoiser(), torch.zeros(1, 1, 2, 2), torch.tensor(sigmas))
 
 
 def test_sampler_rejects_negative_churn():
     with pytest.raises(ValueError, match="S_churn"):
-        euler_sample(gaussian_denoiser(), torch.zeros(1, 1, 2, 2), karras_sigmas(2), S_churn=-1.0)
+        euler(gaussian_denoiser(), torch.zeros(1, 1, 2, 2), karras_sigmas(2), S_churn=-1.0)
 
 
 def test_cfg_wrapped_precond_drives_heun():
@@ -246,7 +246,7 @@ def test_cfg_wrapped_precond_drives_heun():
     net.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     y = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
     x = 80 * torch.randn(2, 1, 8, 8)
-    out = heun_sample(CFG(EDMPrecond(net), 1.5, y=y), x, karras_sigmas(3))
+    out = heun(CFG(EDMPrecond(net), 1.5, y=y), x, karras_sigmas(3))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert calls == [4] * 5  # 2N - 1 evaluations, each one batched forward of 2B
 
@@ -267,7 +267,7 @@ def test_renoise_and_x0_eps_round_trip():
 def test_cifar_preset_samples_with_heun_on_its_grid_and_rejects_bad_settings():
     cfg = EDM_PRESETS["cifar-cedm"]
     den = gaussian_denoiser()
-    heun_sample(den, torch.randn(2, 1, 2, 2) * cfg.sigma_max, cfg.sigmas())
+    heun(den, torch.randn(2, 1, 2, 2) * cfg.sigma_max, cfg.sigmas())
     levels = [float(c[0]) for c in den.calls]
     assert len(levels) == 2 * cfg.steps - 1  # 18 steps: 35 evaluations (EDM Table 2)
     assert levels[0] == pytest.approx(cfg.sigma_max) and min(levels) == pytest.approx(cfg.sigma_min, rel=1e-6)

@@ -114,7 +114,7 @@ def test_train_classifier_cli(tmp_path, capsys):
     x, y = load_digits(8).images[:200].numpy(), load_digits(8).labels[:200].numpy()
     np.savez(tmp_path / "d.npz", x=x, y=y)
     assert main(["train-classifier", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "c.pt"),
-                 "--size", "8", "--channels", "1", "--max-iters", "3", "--width", "8"]) == 0
+                 "--size", "8", "--channels", "1", "--max_iters", "3", "--width", "8"]) == 0
     assert "--features classifier:" in capsys.readouterr().out
     assert ClassifierFeatures(tmp_path / "c.pt").meta["n"] == 200
 

@@ -77,7 +77,7 @@ def test_methods_are_checked_before_any_training():
 
 
 def test_command_line_builds_the_config():
-    cc = parse_args(["compare", "--methods", "none, labels", "--budget-steps", "5", "--w", "1.5"])
+    cc = parse_args(["compare", "--methods", "none, labels", "--budget_steps", "5", "--w", "1.5"])
     assert cc.methods == ("none", "labels") and cc.budget_steps == 5 and cc.w == 1.5
 
 

@@ -50,41 +50,52 @@ def _spy(pipe):
     return calls
 
 
-def _mass_mask(net, layer, forward, rows, patch):
-    """M = mass > its mean over the image keys, read from the adapter's capture, up to the latent."""
+def _mass_mask(net, layer, forward, rows, size):
+    """M = mass > its mean over the image keys, read from the adapter's capture, up to the latent's size."""
     with adapter_for(net).capture(layer) as hook:
         hook.rows = rows
         forward()
         mass = hook.mass
     on = (mass / mass.mean(dim=(1, 2), keepdim=True) > 1.0)[:, None]
-    return on.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    return on.repeat_interleave(size[0] // on.shape[2], 2).repeat_interleave(size[1] // on.shape[3], 3)
 
 
 def _blur_where(x0, on):
     return torch.where(on, gaussian_blur_ref(x0, 9, 1.0), x0)
 
 
+def _flow_conditions(name, kw):
+    """The [uncond; cond] arguments the SD3 / Sana pipelines hand their transformer."""
+    cat = lambda a, b: torch.cat([kw[a], kw[b]])  # noqa: E731
+    if name == "sd3":
+        return {"encoder_hidden_states": cat("negative_prompt_embeds", "prompt_embeds"),
+                "pooled_projections": cat("negative_pooled_prompt_embeds", "pooled_prompt_embeds")}
+    return {"encoder_hidden_states": cat("negative_prompt_embeds", "prompt_embeds"),
+            "encoder_attention_mask": cat("negative_prompt_attention_mask", "prompt_attention_mask")}
+
+
 @torch.no_grad()
-def test_sd3_sag_step_is_the_formula_by_hand():
-    """Flow matching, CFG batch, patch 2: the guided velocity of step 2 by hand, in eps space (Eq. 17)."""
-    pipe, kw = tp.sd3()
+@pytest.mark.parametrize("name", ["sd3", "sana"])
+def test_flow_cfg_sag_step_is_the_formula_by_hand(name):
+    """Flow matching under the pipeline's CFG (SD3: joint attention, patch 2; Sana: linear attention):
+    the guided velocity of step 2 by hand, in eps space (Eq. 17)."""
+    pipe, kw = tp.BUILDERS[name]()
     w, s_sag = 5.0, 0.75
     calls = _spy(pipe)
     with sg.sag(pipe, scale=s_sag) as g:
         tp.run(pipe, kw, steps=3, guidance_scale=w)
     v_got, t, x = calls[1]
     net, sig = pipe.transformer, float(t) / 1000
-    emb = torch.cat([kw["negative_prompt_embeds"], kw["prompt_embeds"]])
-    pool = torch.cat([kw["negative_pooled_prompt_embeds"], kw["pooled_prompt_embeds"]])
+    cond = _flow_conditions(name, kw)
 
-    def T(xx, e=emb, p=pool):
-        return net(hidden_states=xx, timestep=t.expand(len(xx)), encoder_hidden_states=e, pooled_projections=p,
-                   return_dict=False)[0]
-    on = _mass_mask(net, g.layer, lambda: T(torch.cat([x, x])), slice(0, 1), 2)
+    def T(xx, rows=slice(0, 2)):
+        return net(hidden_states=xx, timestep=t.expand(len(xx)), return_dict=False,
+                   **{k: v[rows] for k, v in cond.items()})[0]
+    on = _mass_mask(net, g.layer, lambda: T(torch.cat([x, x])), slice(0, 1), x.shape[-2:])
     v_u, v_c = T(torch.cat([x, x])).chunk(2)
     x0, eps = x - sig * v_u, x + (1 - sig) * v_u
     x_deg = (1 - sig) * _blur_where(x0, on) + sig * eps
-    eps_deg = x_deg + (1 - sig) * T(x_deg, emb[:1], pool[:1])
+    eps_deg = x_deg + (1 - sig) * T(x_deg, slice(0, 1))
     want = v_u + w * (v_c - v_u) + s_sag * (eps - eps_deg) / (1 - sig)  # eps-space guidance as a velocity
     assert 0 < sig < 1 and on.any() and not on.all()
     assert torch.allclose(v_got, want, atol=1e-5), float((v_got - want).abs().max())
@@ -109,7 +120,7 @@ def test_flux_sag_step_is_the_formula_by_hand():
     def T(xx):
         return net(hidden_states=xx, **args)[0]
     unpack = lambda z: pipe._unpack_latents(z, 8 * tp.H, 8 * tp.W, pipe.vae_scale_factor)  # noqa: E731
-    on = _mass_mask(net, g.layer, lambda: T(x), None, 2)
+    on = _mass_mask(net, g.layer, lambda: T(x), None, (tp.H, tp.W))
     v = T(x)
     x0, eps = unpack(x - sig * v), unpack(x + (1 - sig) * v)
     x_deg = pipe._pack_latents((1 - sig) * _blur_where(x0, on) + sig * eps, 1, 4, tp.H, tp.W)
@@ -120,11 +131,12 @@ def test_flux_sag_step_is_the_formula_by_hand():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["pixart", "dit"])
-def test_learned_sigma_eps_sag_step_is_the_formula_by_hand(name):
-    """eps prediction with a learned sigma (2C channels); DiT's CFG batch is [cond; uncond]."""
+@pytest.mark.parametrize("name", ["sd", "pixart", "dit"])
+def test_eps_sag_step_is_the_formula_by_hand(name):
+    """eps prediction: SD's UNet (mask from its mid block), PixArt / DiT with a learned sigma (2C channels, the
+    variance half passed through); DiT's CFG batch is [cond; uncond]."""
     pipe, kw = tp.BUILDERS[name]()
-    w, s_sag, net = 4.5, 0.75, pipe.transformer
+    w, s_sag, net = 4.5, 0.75, getattr(pipe, "unet", None) or pipe.transformer
     calls = _spy(pipe)
     with sg.sag(pipe, scale=s_sag) as g:
         tp.run(pipe, kw, steps=2, guidance_scale=w)
@@ -140,7 +152,7 @@ def test_learned_sigma_eps_sag_step_is_the_formula_by_hand(name):
     uncond = slice(1, 2) if name == "dit" else slice(0, 1)
     T = lambda xx, rows=slice(0, 2): net(xx, timestep=t.expand(len(xx)), return_dict=False,  # noqa: E731
                                          **{k: v if isinstance(v, dict) else v[rows] for k, v in cond.items()})[0][:, :4]
-    on = _mass_mask(net, g.layer, lambda: T(torch.cat([x, x])), uncond, 2)
+    on = _mass_mask(net, g.layer, lambda: T(torch.cat([x, x])), uncond, x.shape[-2:])
     out = T(torch.cat([x, x]))
     e_u, e_c = out[uncond], out[1 - uncond.start: 2 - uncond.start]
     abar = pipe.scheduler.alphas_cumprod[t.long()].float()
@@ -155,6 +167,8 @@ def test_learned_sigma_eps_sag_step_is_the_formula_by_hand(name):
 def _conditions(pipe, kw, name):
     if name == "dit":
         return {"class_labels": torch.tensor([kw["class_labels"][0], 1000])}
+    if name == "sd":
+        return {"encoder_hidden_states": torch.cat([kw["negative_prompt_embeds"], kw["prompt_embeds"]])}
     mask = torch.cat([kw["negative_prompt_attention_mask"], kw["prompt_attention_mask"]])
     return {"encoder_hidden_states": torch.cat([kw["negative_prompt_embeds"], kw["prompt_embeds"]]),
             "encoder_attention_mask": mask, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}

@@ -79,7 +79,7 @@ def test_compare_is_sized_to_the_time_left(tmp_path):
     (tmp_path / "tiny" / "train" / "n01").mkdir(parents=True)
     r.steps = [{"train": {"compile": False, "img_per_s": 2400.0}}]
     args = runbook.compare_args(r, timeout=240)
-    steps = int(args[args.index("--budget-steps") + 1])
+    steps = int(args[args.index("--budget_steps") + 1])
     assert steps == int(240 / 3 / 3 * 2400 / 128) and args[args.index("--data") + 1] == str(tmp_path / "tiny" / "train")
     assert "fits only" in runbook.compare_args(r, timeout=20)
     r.data = str(tmp_path / "absent.tar.gz")

@@ -324,13 +324,13 @@ def _diffusers_materialise(unet, layer, store):
 @pytest.mark.parametrize("layer", ["down_blocks.0.attentions.0.transformer_blocks.0.attn1",
                                    "up_blocks.1.attentions.0.transformer_blocks.0.attn1"])
 def test_sag_with_cfg_on_a_diffusers_unet_equals_the_reference_formula(layer):
-    from sgengine.guidance import DiffusersDenoiser, ddpm_param
+    from sgengine.guidance import DiffusersDenoiser, eps_param
     unet, cfg = _diffusers_unet(conditional=True), preset("tiny")
     net = DiffusersDenoiser(unet, null_context=torch.zeros(3, 6))
     assert layer in list_attention_layers(net)
     x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 500.0)
     context = torch.randn(2, 3, 6)
-    param = ddpm_param(torch.cumprod(1 - torch.linspace(cfg.beta_start, cfg.beta_end, cfg.T, dtype=torch.float64), 0))
+    param = eps_param(torch.cumprod(1 - torch.linspace(cfg.beta_start, cfg.beta_end, cfg.T, dtype=torch.float64), 0))
     with torch.no_grad():
         with SAG(net, param, layer, scale=0.8, blur=(5, 1.0), w=2.0, y=context) as sag:
             got = sag(x, t)
@@ -411,13 +411,13 @@ def test_sag_on_a_diffusers_unet_equals_diffusers_sag_pipeline_at_every_aspect_r
     Transformer2DModel's 4-D input, so 3:2 and 1:4 latents give diffusers' mask exactly."""
     from diffusers import DDIMScheduler
 
-    from sgengine.guidance import DiffusersDenoiser, ddpm_param
+    from sgengine.guidance import DiffusersDenoiser, eps_param
     torch.manual_seed(1)
     unet, scheduler = _diffusers_unet(conditional=True), DDIMScheduler(beta_schedule="scaled_linear")
     latents, t = torch.randn(2, 1, *hw), 400
     emb_u, emb_c = torch.randn(1, 3, 6), torch.randn(2, 3, 6)
     net = DiffusersDenoiser(unet, null_context=emb_u)
-    param = ddpm_param(scheduler.alphas_cumprod.double())
+    param = eps_param(scheduler.alphas_cumprod.double())
     cond = {"y": emb_c if cfg_scale else emb_u.expand(2, -1, -1)}
     with torch.no_grad():
         with SAG(net, param, "mid_block.attentions.0.transformer_blocks.0.attn1", scale=0.75, blur=(9, 1.0),
@@ -429,17 +429,20 @@ def test_sag_on_a_diffusers_unet_equals_diffusers_sag_pipeline_at_every_aspect_r
 
 
 def test_sag_drives_an_unconditional_diffusers_unet_through_ddim():
-    from sgengine.diffusion.samplers import ddim_sample
+    from sgengine.diffusion.samplers import sample
     from sgengine.guidance import DiffusersDenoiser
     unet, cfg = _diffusers_unet(conditional=False), preset("tiny")
     param = parameterization_for("ddpm", cfg)
-    net, abar = DiffusersDenoiser(unet), torch.cumprod(1 - torch.linspace(cfg.beta_start, cfg.beta_end, cfg.T), 0)
-    x, ts = torch.randn(2, 1, 8, 8), torch.linspace(999, 0, 3)
-    plain = ddim_sample(lambda x, t: net(x, t), x, ts, alphas_cumprod=abar)
+    net, x = DiffusersDenoiser(unet), torch.randn(2, 1, 8, 8)
+    sigmas = torch.cat([param.sigma(torch.linspace(999, 0, 3, dtype=torch.float64)), torch.zeros(1, dtype=torch.float64)])
+
+    def ddim(model):
+        return sample(param, model, x, sigmas=sigmas, sampler="ddim", clip_x0=True)
+    plain = ddim(lambda x, t: net(x, t))
     with SAG(net, param, "mid_block.attentions.0", scale=0.0) as sag:
-        assert torch.equal(ddim_sample(sag, x, ts, alphas_cumprod=abar), plain)
+        assert torch.equal(ddim(sag), plain)
     with SAG(net, param, "down_blocks.0.attentions.0", scale=0.75, blur=(3, 1.0)) as sag:
-        guided = ddim_sample(sag, x, ts, alphas_cumprod=abar)
+        guided = ddim(sag)
     assert torch.isfinite(guided).all() and not torch.allclose(guided, plain)
     assert unet.down_blocks[0].attentions[0].processor.__class__.__module__.startswith("diffusers")
 
@@ -465,17 +468,17 @@ def test_cli_samples_with_sag_from_a_trained_checkpoint(tmp_path, objective, cap
     cfg = dataclasses.replace(preset("tiny"), out=str(run), condition="labels", objective=objective,
                               steps=2, ckpt_every=2, sample_steps=2, log_every=1)
     Trainer(cfg).run()
-    assert sample_main(["--ckpt", str(run), "--list-layers"]) == 0
+    assert sample_main(["--ckpt", str(run), "--list_layers"]) == 0
     assert "mid.1.attn" in capsys.readouterr().out.split()
     png = tmp_path / "sag.png"
     window = {"ddpm": "0,1000", "edm": "0.01,100", "flow": "0.2,1"}[objective]
-    rc = sample_main(["--ckpt", str(run), "--n", "4", "--clusters", "0", "1", "--steps", "2", "--sag-scale", "0.75",
-                      "--sag-layer", "mid.1.attn", "--sag-blur", "3,1.0", "--sag-window", window,
+    rc = sample_main(["--ckpt", str(run), "--n", "4", "--clusters", "0", "1", "--steps", "2", "--sag_scale", "0.75",
+                      "--sag_layer", "mid.1.attn", "--sag_blur", "3,1.0", "--sag_window", window,
                       "--out", str(png)])
     assert rc == 0 and png.exists()
     images = np.load(png.with_suffix(".npz"))["images"]
     assert images.shape == (4, 1, 8, 8) and images.dtype == np.uint8
-    assert sample_main(["--ckpt", str(run), "--sag-scale", "0.5", "--sag-layer", "bad"]) == 2
+    assert sample_main(["--ckpt", str(run), "--sag_scale", "0.5", "--sag_layer", "bad"]) == 2
     err = capsys.readouterr().err
     assert "'bad'" in err or "bad is not" in err
     assert "mid.1.attn" in err  # the error names the layers to choose from
@@ -496,8 +499,8 @@ def test_cli_sag_scale_changes_online_samples(online_run, tmp_path):
                             "--out", str(png), *extra]) == 0
         return np.load(png.with_suffix(".npz"))["images"]
 
-    plain, zero = images(), images("--sag-scale", "0")
-    half, five = images("--sag-scale", "0.5", "--sag-blur", "3,1.0"), images("--sag-scale", "5", "--sag-blur", "3,1.0")
+    plain, zero = images(), images("--sag_scale", "0")
+    half, five = images("--sag_scale", "0.5", "--sag_blur", "3,1.0"), images("--sag_scale", "5", "--sag_blur", "3,1.0")
     assert np.array_equal(plain, zero)  # scale 0 is exactly the unguided sampler
     assert not np.array_equal(zero, half) and not np.array_equal(half, five)
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from sgengine.diffusion import (SAMPLERS, alphas_cumprod, edm_param, eps_param, flow_param, karras_sigmas,
+from sgengine.diffusion import (SAMPLERS, alphas_cumprod, edm_param, eps_param, flow_param, flow_times, karras_sigmas,
                                 linear_betas, sample, v_param)
 from sgengine.diffusion.flow import SIGMA_MIN
 
@@ -144,8 +144,6 @@ def test_unknown_sampler_names_the_choices():
 def test_ddim_equals_diffusers_ddim_scheduler():
     """Peer agreement: DDIM on an eps network equals diffusers' DDIMScheduler with aligned timesteps."""
     diffusers = pytest.importorskip("diffusers")
-    from sgengine.diffusion import ddim_sample
-
     sch = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
                                   set_alpha_to_one=True, timestep_spacing="leading")
     sch.set_timesteps(25)
@@ -154,7 +152,9 @@ def test_ddim_equals_diffusers_ddim_scheduler():
     want = x.clone()
     for t in sch.timesteps:
         want = sch.step(net(want, torch.full((16,), float(t))), t, want).prev_sample
-    got = ddim_sample(net, x, sch.timesteps, alphas_cumprod=ABAR, clip_x0=False)
+    param = PARAMS["eps"]  # diffusers' x_T is sample()'s unit noise: prior_scale(sigma_T) = 1 / a_T
+    sigmas = torch.cat([param.sigma(sch.timesteps.double()), torch.zeros(1, dtype=torch.float64)])
+    got = sample(param, net, x, sigmas=sigmas, sampler="ddim")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -206,10 +206,12 @@ def _kdiff_euler_ancestral(model, x, sigmas, eta, g):
 
 @pytest.mark.parametrize("kind", ["eps", "edm", "flow"])
 def test_heun_euler_and_ddim_equal_k_diffusion(kind):
+    """Heun on flow steps in flow time (the next test); its Euler is the same step in either variable."""
     den = PARAMS[kind].denoiser(exact_net(kind))
     x, sig = torch.randn(6, 1, dtype=torch.float64) * 10, karras_sigmas(7, 0.05, 10.0)
     levels = sig.tolist()
-    torch.testing.assert_close(SAMPLERS["heun"](den, x, sig), _kdiff_heun(den, x, levels), rtol=0, atol=1e-12)
+    if kind != "flow":
+        torch.testing.assert_close(SAMPLERS["heun"](den, x, sig), _kdiff_heun(den, x, levels), rtol=0, atol=1e-12)
     torch.testing.assert_close(SAMPLERS["euler"](den, x, sig), _kdiff_heun(den, x, levels, False), rtol=0, atol=1e-12)
     for eta in (0.0, 0.5, 1.0):
         got = SAMPLERS["ddim"](den, x, sig, eta=eta, generator=torch.Generator().manual_seed(3))
@@ -217,24 +219,60 @@ def test_heun_euler_and_ddim_equal_k_diffusion(kind):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_flow_euler_from_pure_noise_equals_its_algorithm_2():
-    """The flow grid starts at t = 0 (sigma = inf); Euler through the contract equals the velocity-space
-    Euler of the online self-guidance paper's Algorithm 2 (flow.euler_flow) on the same noise."""
-    from sgengine.diffusion import euler_flow, flow_times
+def _paper_flow(net, x, ts, second_order):
+    """The online self-guidance paper's Algorithm 2 (Euler, x += (t' - t) v(x, t)) and its Heun, transcribed."""
+    for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        v = net(x, torch.full((len(x),), t, dtype=x.dtype))
+        x_next = x + (t_next - t) * v
+        if second_order:
+            x_next = x + (t_next - t) / 2 * (v + net(x_next, torch.full((len(x),), t_next, dtype=x.dtype)))
+        x = x_next
+    return x
 
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flow_from_pure_noise_equals_the_papers_algorithm_2(sampler):
+    """The flow grid starts at t = 0 (sigma = inf); Euler and Heun through the contract step in flow time and
+    equal the velocity-space Algorithm 2 (and its Heun) on the same noise, for a nonlinear velocity."""
     torch.manual_seed(0)
-    field = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    field = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
     net = lambda x, t: field(torch.cat([x, t[:, None].to(x.dtype)], 1))  # noqa: E731  a nonlinear velocity
-    noise = torch.randn(8, 4)
+    noise = torch.randn(8, 4, dtype=torch.float64)
     with torch.no_grad():
-        want = euler_flow(net, noise, flow_times(10))
-        got = sample(PARAMS["flow"], net, noise, 10, sampler="euler")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want = _paper_flow(net, noise, flow_times(10, dtype=torch.float64), sampler == "heun")
+        got = sample(PARAMS["flow"], net, noise, 10, sampler=sampler)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_flow_through_the_contract_is_as_accurate_as_flow_time_integration():
+    """Issue 21: the exact flow of N(MU, S^2) data from t = 0 is MU + sqrt(S^2 + s^2) eps. At 20 steps Heun and
+    dopri5 through ``sample`` reach the flow-time integrators' accuracy (sigma-space Heun with a fixed Euler
+    first step was 1.3e-2 from exact, dopri5 5.6e-4)."""
+    noise = torch.randn(4096, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = MU + noise * math.sqrt(S**2 + SIGMA_MIN**2)
+    err = {name: (sample(PARAMS["flow"], exact_net("flow"), noise, 20, sampler=name) - exact).abs().max().item()
+           for name in ("heun", "dopri5")}
+    assert err["heun"] <= 2e-3 and err["dopri5"] <= 1e-4, err
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
-def test_one_step_from_pure_noise_is_the_limit_step(sampler):
+def test_one_step_from_pure_noise(sampler):
+    """One step from t = 0 to 1: the first-order samplers take the limit step (x0_hat = MU at t = 0, re-noised
+    to sigma_1 = s), Heun its trapezoid in t, dopri5 integrates to its tolerance."""
     noise = torch.randn(4, 1, dtype=torch.float64)
     out = sample(PARAMS["flow"], exact_net("flow"), noise, 1, sampler=sampler)
-    x0 = MU + 0 * noise  # at t = 0 the posterior mean is the data mean; then sigma_1 = s re-noises it
-    torch.testing.assert_close(out, x0 + SIGMA_MIN * noise)
+    exact = MU + noise * math.sqrt(S**2 + SIGMA_MIN**2)
+    want = {"dopri5": exact, "heun": MU + (0.5 + SIGMA_MIN) * noise}.get(sampler, MU + SIGMA_MIN * noise)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        flow_times(0)
+
+
+def test_coeffs_keep_the_times_dtype():
+    t64 = torch.tensor([1.0, 500.5, 999.0], dtype=torch.float64)
+    for param in PARAMS.values():
+        assert param.coeffs(t64)[0].dtype == torch.float64 and param.coeffs(t64.float())[1].dtype == torch.float32
+    x0, eps = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    x_t = _ab("eps", t64)[0].view(-1, 1) * x0 + _ab("eps", t64)[1].view(-1, 1) * eps
+    got = PARAMS["eps"].x0_eps(x_t, eps, t64)[0]  # exact eps: x0 back to float64 round-off, not float32's 1e-5
+    torch.testing.assert_close(got, x0, rtol=0, atol=1e-12)

@@ -9,7 +9,7 @@ choices), ``tuple[int, ...]`` ('1,2,4'), nested dataclasses (``--model.channels`
 
 Errors are ``ConfigError(key, message)``: ``str()`` reads ``lr must be > 0, got -1.0`` (API
 errors never point to flags); the CLI prints ``error: --lr must be > 0, got -1.0`` and exits 2.
-Flags are ``--snake_case``; ``--kebab-case`` spellings are accepted as aliases.
+Flags are ``--snake_case``, one spelling: a ``--kebab-case`` one is refused with the snake_case name to use.
 """
 from __future__ import annotations
 
@@ -253,17 +253,13 @@ def _number(text: str) -> bool:
         return False
 
 
-def kebab_alias(argv: list[str]) -> list[str]:
-    """--kebab-case -> --snake_case (the one spelling), values and single-dash flags untouched; a
-    negative number after a flag is joined to it (``--lr=-1e-3``: argparse reads ``-1e-3`` as a flag)."""
+def join_negative_values(argv: list[str]) -> list[str]:
+    """A negative number after a flag joined to it (``--lr=-1e-3``: argparse reads ``-1e-3`` as a flag)."""
     out = []
     for arg in argv:
-        if arg.startswith("--") and len(arg) > 2:
-            name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
-        elif arg.startswith("-") and _number(arg) and out and out[-1].startswith("--") and "=" not in out[-1]:
-            out[-1], arg = f"{out[-1]}={arg}", None
-        if arg is not None:
+        if arg.startswith("-") and _number(arg) and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
             out.append(arg)
     return out
 
@@ -287,11 +283,11 @@ def add_typed(parser, flag: str, hint, **kw):
 
 
 class FlagParser(argparse.ArgumentParser):
-    """argparse with the engine's conventions: one-line ``error: ...`` and exit 2, kebab aliases,
-    a close match suggested for an unknown flag."""
+    """argparse with the engine's conventions: one-line ``error: ...`` and exit 2, one ``--snake_case``
+    spelling (a kebab-case one is refused naming the flag to use), a close match suggested for an unknown flag."""
 
     def parse_known_args(self, args=None, namespace=None):
-        return super().parse_known_args(kebab_alias(list(sys.argv[1:] if args is None else args)), namespace)
+        return super().parse_known_args(join_negative_values(list(sys.argv[1:] if args is None else args)), namespace)
 
     def error(self, message: str):
         typed_value = re.match(r"argument (--\w[\w.]*)(?:/\S+)?: (.*)$", message, re.S)
@@ -299,11 +295,18 @@ class FlagParser(argparse.ArgumentParser):
             message = f"{typed_value.group(1)} {typed_value.group(2)}"
         unknown = re.match(r"unrecognized arguments: (\S+)", message)
         if unknown:
-            flags = [s for a in self._actions for s in a.option_strings]
-            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, 1, cutoff=0.75)
-            message = f"unknown flag {unknown.group(1)}" + (f" (did you mean {close[0]}?)" if close else "") \
-                + f"; see {self.prog} --help"
+            message = self._unknown(unknown.group(1))
         self.exit(2, f"error: {message}\n")
+
+    def _unknown(self, token: str) -> str:
+        """The error for an unknown flag: the snake_case spelling of a kebab-case one, else a close match."""
+        flags = [s for a in self._actions for s in a.option_strings]
+        flag = token.split("=")[0]
+        snake = "--" + flag[2:].replace("-", "_")
+        if flag.startswith("--") and snake != flag and snake in flags:
+            return f"unknown flag {flag}: flags are spelled --snake_case, use {snake}; see {self.prog} --help"
+        close = difflib.get_close_matches(flag, flags, 1, cutoff=0.75)
+        return f"unknown flag {token}" + (f" (did you mean {close[0]}?)" if close else "") + f"; see {self.prog} --help"
 
     def fail(self, err: ConfigError):
         self.error(err.as_flag())

@@ -94,7 +94,7 @@ def encode(pack, out, vae_path, batch_size: int = 32, device=None, scaling: floa
     pack, out = Path(pack), Path(out)
     man = read_manifest(pack)
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     if posterior not in POSTERIORS:
         raise ValueError(f"--posterior must be one of {sorted(POSTERIORS)}, got {posterior!r}")
     vae = load_vae(vae_path, resolve_device(device or "auto"))

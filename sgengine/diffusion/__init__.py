@@ -7,24 +7,23 @@ generator=None, progress=False, **options)`` with ``model(x, sigma) -> D`` (k-di
 """
 from .ddpm import EpsilonLoss, predict_x0, q_sample, renoise_coeffs
 from .edm import (EDM_PRESETS, EDMConfig, EDMLoss, EDMPrecond, edm_loss_weight, edm_precond_coeffs,
-                  edm_renoise_coeffs, euler_sample, heun_sample, karras_sigmas, x0_eps_from_denoised)
-from .flow import (SIGMA_MIN, FlowMatchingLoss, dopri5_flow, euler_flow, flow_path, flow_times, heun_flow,
-                   x0_eps_from_velocity)
+                  edm_renoise_coeffs, karras_sigmas, x0_eps_from_denoised)
+from .flow import SIGMA_MIN, FlowMatchingLoss, flow_path, flow_times, x0_eps_from_velocity
 from .flow import renoise_coeffs as flow_renoise_coeffs
 from .objectives import OBJECTIVES, Objective, TimeScale, build_network, make_objective, run_sampler
-from .param import (Denoiser, Parameterization, ddpm_param, edm_param, eps_param, flow_param,
+from .param import (Denoiser, Parameterization, edm_param, eps_param, flow_param,
                     parameterization_for, v_param)
-from .samplers import SAMPLERS, ddim, ddim_sample, ddpm, ddpm_sample, dopri5, euler, get_sampler, heun, sample
+from .samplers import SAMPLERS, ddim, ddpm, dopri5, euler, get_sampler, heun, sample
 from .schedules import alphas_cumprod, linear_betas, spaced_timesteps
 
 __all__ = [
-    "EpsilonLoss", "predict_x0", "q_sample", "renoise_coeffs", "ddim_sample", "ddpm_sample",
+    "EpsilonLoss", "predict_x0", "q_sample", "renoise_coeffs",
     "alphas_cumprod", "linear_betas", "spaced_timesteps",
     "EDM_PRESETS", "EDMConfig", "EDMLoss", "EDMPrecond", "edm_loss_weight", "edm_precond_coeffs",
-    "edm_renoise_coeffs", "euler_sample", "heun_sample", "karras_sigmas", "x0_eps_from_denoised",
-    "SIGMA_MIN", "FlowMatchingLoss", "dopri5_flow", "euler_flow", "flow_path", "flow_times", "heun_flow",
+    "edm_renoise_coeffs", "karras_sigmas", "x0_eps_from_denoised",
+    "SIGMA_MIN", "FlowMatchingLoss", "flow_path", "flow_times",
     "x0_eps_from_velocity", "flow_renoise_coeffs",
     "OBJECTIVES", "Objective", "TimeScale", "build_network", "make_objective", "run_sampler",
-    "Denoiser", "Parameterization", "ddpm_param", "edm_param", "eps_param", "flow_param", "parameterization_for",
+    "Denoiser", "Parameterization", "edm_param", "eps_param", "flow_param", "parameterization_for",
     "v_param", "SAMPLERS", "ddim", "ddpm", "dopri5", "euler", "get_sampler", "heun", "sample",
 ]

@@ -6,10 +6,10 @@ s(t) = 1, sigma(t) = t), the denoiser D(x; sigma) and its raw network F_theta (T
 - ``EDMPrecond``: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Table 1, eq. 7).
 - ``EDMLoss``: lambda(sigma) ||D(y + n; sigma) - y||^2 with ln sigma ~ N(P_mean, P_std^2) (eqs. 2, 8).
 - ``karras_sigmas``: the time steps of eq. 5 with a trailing sigma_N = 0.
-- ``heun_sample`` / ``euler_sample``: Algorithm 2 (Heun, 2N - 1 evaluations) and its first-order
-  variant, with the optional stochastic churn: ``heun`` and ``euler`` of ``sgengine.diffusion.samplers``,
-  whose contract (D(x; sigma) on a sigma grid, x the state at sigmas[0], i.e. sigma_max * randn,
-  Algorithm 2 line 1) is EDM's own.
+
+Algorithm 2 (Heun, 2N - 1 evaluations) and its first-order variant, with the optional stochastic
+churn, are ``heun`` and ``euler`` of ``sgengine.diffusion.samplers``, whose contract (D(x; sigma) on a
+sigma grid, x the state at sigmas[0], i.e. sigma_max * randn, Algorithm 2 line 1) is EDM's own.
 """
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from .samplers import euler, heun
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -116,10 +114,6 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
         raise ValueError(f"need 0 < sigma_min <= sigma_max and rho > 0, got {sigma_min}, {sigma_max}, {rho}")
     ramp = torch.linspace(sigma_max ** (1 / rho), sigma_min ** (1 / rho), n, dtype=torch.float64)
     return torch.cat([ramp**rho, ramp.new_zeros(1)])
-
-
-heun_sample = heun  # EDM Algorithm 2 (sgengine.diffusion.samplers: the one sampler contract)
-euler_sample = euler  # its first-order variant
 
 
 def edm_renoise_coeffs(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

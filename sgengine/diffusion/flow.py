@@ -5,16 +5,14 @@ sigma_min = s (Lipman et al. 2023, the OT path with a small data-end noise floor
 
     x_t = t x + (1 - (1 - s) t) eps,          u = dx_t/dt = x - (1 - s) eps,
 
-and the network regresses u (the paper's eq. 9/15, || x_1 - x_0 - v ||^2 at s = 0). Samplers
-integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 and share the engine's signature
-``sampler(denoise, x, ts, *, generator=None, progress=False, **options)`` with
-``denoise(x, t) -> v`` and ``ts`` ascending times (``flow_times``); guidance (CFG, SAG) lives in
-``denoise``.
+and the network regresses u (the paper's eq. 9/15, || x_1 - x_0 - v ||^2 at s = 0). Sampling
+integrates dx/dt = v(x, t) from t = 0 (noise) to t = 1 through the one sampler contract:
+``sample(flow_param(), net, noise, steps, sampler=...)`` (``sgengine.diffusion.samplers``; its ODE
+samplers step in t on this objective, on the grid ``flow_times``); guidance (CFG, SAG) wraps ``net``.
 """
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 SIGMA_MIN = 1e-4
 
@@ -78,66 +76,8 @@ class FlowMatchingLoss:
         return (pred.float() - u.float()).pow(2).flatten(1).mean(1)
 
 
-def flow_times(steps: int, device=None) -> torch.Tensor:
+def flow_times(steps: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """``steps + 1`` ascending times linspace(0, 1): the grid of ``steps`` solver steps."""
     if steps < 1:
         raise ValueError(f"flow_times needs at least one step, got {steps}")
-    return torch.linspace(0.0, 1.0, steps + 1, device=device)
-
-
-def _intervals(ts: torch.Tensor, progress: bool):
-    ts = [float(t) for t in ts]
-    if len(ts) < 2:
-        raise ValueError("ts must hold at least two times (start and end); use flow_times(steps)")
-    return tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not progress, leave=False)
-
-
-def _v(denoise, x: torch.Tensor, t: float) -> torch.Tensor:
-    return denoise(x, torch.full((x.shape[0],), t, device=x.device)).float()
-
-
-@torch.no_grad()
-def euler_flow(denoise, x: torch.Tensor, ts: torch.Tensor, *, generator: torch.Generator | None = None,
-               progress: bool = False) -> torch.Tensor:
-    """Fixed-step Euler from ts[0] to ts[-1] (paper Algorithm 2): x += (t' - t) v(x, t)."""
-    x = x.float()
-    for t, t_next in _intervals(ts, progress):
-        x = x + (t_next - t) * _v(denoise, x, t)
-    return x
-
-
-@torch.no_grad()
-def heun_flow(denoise, x: torch.Tensor, ts: torch.Tensor, *, generator: torch.Generator | None = None,
-              progress: bool = False) -> torch.Tensor:
-    """Heun's second-order method (explicit trapezoid), two evaluations per step."""
-    x = x.float()
-    for t, t_next in _intervals(ts, progress):
-        h = t_next - t
-        d = _v(denoise, x, t)
-        x = x + h / 2 * (d + _v(denoise, x + h * d, t_next))
-    return x
-
-
-@torch.no_grad()
-def dopri5_flow(denoise, x: torch.Tensor, ts: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
-                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """Adaptive Dormand-Prince 5(4) (torchdiffeq ``odeint``) from ts[0] to ts[-1]; SPEC tolerances.
-
-    Only the two end points of ``ts`` matter: the solver picks its own steps. ``progress`` shows
-    the number of function evaluations.
-    """
-    try:
-        from torchdiffeq import odeint
-    except ImportError as e:
-        raise ImportError("dopri5_flow needs torchdiffeq: pip install torchdiffeq "
-                          "(or sample with euler_flow / heun_flow)") from e
-    bar = tqdm(desc="dopri5 evaluations", disable=not progress, leave=False)
-
-    def field(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        bar.update(1)
-        return _v(denoise, z, float(t))
-
-    span = torch.tensor([float(ts[0]), float(ts[-1])], device=x.device)
-    out = odeint(field, x.float(), span, rtol=rtol, atol=atol, method="dopri5")[-1]
-    bar.close()
-    return out
+    return torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=dtype)
