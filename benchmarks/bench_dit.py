@@ -249,7 +249,8 @@ def main(argv=None) -> int:
     if args.step:
         ms = step_medians(step_runs(CPU_STEP)[0], args.rounds)
         print(json.dumps({"shape": CPU_STEP, **cpu_facts(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
-                          "ms": ms, "sag_over_cfg": ms["sag"] / ms["cfg"], "pag_over_cfg": ms["pag"] / ms["cfg"]}, indent=1))
+                          "ms": ms, "sag_over_cfg": ms["sag"] / ms["cfg"], "pag_over_cfg": ms["pag"] / ms["cfg"]},
+                         indent=1))
         return 0
     result = measure(args.rounds)
     print(json.dumps(result, indent=1))

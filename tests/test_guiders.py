@@ -48,7 +48,8 @@ def run(sd3, guider, steps=2):
 def test_scale_zero_is_exactly_the_cfg_or_apg_guider(sd3):
     cfg, forwards = run(sd3, ClassifierFreeGuidance(guidance_scale=W_CFG))
     assert forwards == 4  # 2 steps x (cond, uncond)
-    for guider in (SAGGuider(guidance_scale=W_CFG, sag_scale=0.0), PAGGuider(guidance_scale=W_CFG, perturbed_guidance_scale=0.0),
+    for guider in (SAGGuider(guidance_scale=W_CFG, sag_scale=0.0),
+                   PAGGuider(guidance_scale=W_CFG, perturbed_guidance_scale=0.0),
                    SEGGuider(guidance_scale=W_CFG, seg_guidance_scale=0.0)):
         assert torch.equal(run(sd3, guider)[0], cfg), type(guider).__name__
     apg = lambda: AdaptiveProjectedGuidance(guidance_scale=W_CFG, eta=0.0, adaptive_projected_guidance_momentum=-0.5)
@@ -124,7 +125,8 @@ def test_sag_term_composes_with_apg_unchanged(step_inputs):
     """APG replaces only the CFG part: SAG+APG - APG = SAG+CFG - CFG (the shared passes feed both)."""
     apg = lambda: AdaptiveProjectedGuidance(guidance_scale=W_CFG, eta=0.0, adaptive_projected_guidance_rescale=2.0)
     net, x, t, cond, uncond = step_inputs
-    with_apg = loop_step(SAGGuider(sag_scale=S, cfg=apg()), net, x, t, cond, uncond) - loop_step(apg(), net, x, t, cond, uncond)
+    with_apg = (loop_step(SAGGuider(sag_scale=S, cfg=apg()), net, x, t, cond, uncond)
+                - loop_step(apg(), net, x, t, cond, uncond))
     with_cfg = (loop_step(SAGGuider(guidance_scale=W_CFG, sag_scale=S), net, x, t, cond, uncond)
                 - loop_step(ClassifierFreeGuidance(guidance_scale=W_CFG), net, x, t, cond, uncond))
     assert with_cfg.abs().max() > 1e-3
@@ -194,6 +196,8 @@ def test_new_keeps_the_cfg_part_and_the_scheduler(sd3):
     assert g.scale == 0.25 and isinstance(g.cfg, AdaptiveProjectedGuidance) and g.cfg.guidance_scale == 3.0
     assert g.cfg is not apg and g.scheduler is sd3[0].scheduler
     assert SAGGuider(guidance_scale=4.0).new(guidance_scale=2.0).cfg.guidance_scale == 2.0
+    assert PAGGuider(guidance_scale=4.0).new().cfg.guidance_scale == 4.0  # by keyword: diffusers' from_config
+    # resets positional arguments to their defaults
 
 
 def test_old_diffusers_fails_in_one_line_naming_the_version(monkeypatch):
@@ -229,8 +233,9 @@ def test_diffusers_pag_guider_refuses_sd3_where_ours_runs():
     """diffusers' PAG guider needs a registered attention processor; SD3's JointAttnProcessor2_0 is not."""
     from diffusers.guiders import PerturbedAttentionGuidance
     sd3 = tp.sd3()  # its own: the failed run may leave diffusers' hook registry on the model
-    theirs = PerturbedAttentionGuidance(guidance_scale=W_CFG, perturbed_guidance_scale=3.0, perturbed_guidance_layers=[1],
-                                        perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0)
+    theirs = PerturbedAttentionGuidance(guidance_scale=W_CFG, perturbed_guidance_scale=3.0,
+                                        perturbed_guidance_layers=[1], perturbed_guidance_start=0.0,
+                                        perturbed_guidance_stop=1.0)
     with pytest.raises(ValueError, match="JointAttnProcessor2_0.* not registered"):
         run(sd3, theirs, steps=3)
     assert run(sd3, PAGGuider(guidance_scale=W_CFG, layer="transformer_blocks.1.attn"), steps=3)[1] == 9

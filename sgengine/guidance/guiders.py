@@ -85,13 +85,17 @@ class _AttentionGuidance(BaseGuidance):
     def __init__(self, guidance_scale, scale, layer, start, stop, enabled, cfg, extra_window=(0.0, 1.0)):
         super().__init__(start, stop, enabled)
         if cfg is not None and guidance_scale is not None:
-            raise ValueError("pass either guidance_scale (plain CFG) or cfg=<a guider of pred_cond, pred_uncond>, not both")
+            raise ValueError("pass either guidance_scale (plain CFG) or cfg=<a guider of pred_cond, pred_uncond>, "
+                             "not both")
         if cfg is not None and list(getattr(cfg, "_input_predictions", [])) != ["pred_cond", "pred_uncond"]:
             raise TypeError(f"cfg must combine (pred_cond, pred_uncond), as ClassifierFreeGuidance or "
                             f"AdaptiveProjectedGuidance do; {type(cfg).__name__} takes {cfg._input_predictions}")
         if not 0.0 <= extra_window[0] <= extra_window[1] <= 1.0:
-            raise ValueError(f"the guidance window must be 0 <= start <= stop <= 1 (fractions of the steps), got {extra_window}")
-        self.cfg = cfg if cfg is not None else ClassifierFreeGuidance(7.0 if guidance_scale is None else guidance_scale)
+            raise ValueError(f"the guidance window must be 0 <= start <= stop <= 1 (fractions of the steps), "
+                             f"got {extra_window}")
+        # by keyword: diffusers' from_config (``new()``) resets positional arguments to their defaults
+        w = 7.0 if guidance_scale is None else guidance_scale
+        self.cfg = cfg if cfg is not None else ClassifierFreeGuidance(guidance_scale=w)
         self.scale, self.layer, self.window = float(scale), layer, tuple(extra_window)
         self.passes, self.batches, self.hooks, self.seen = [], [], [], {}
 
