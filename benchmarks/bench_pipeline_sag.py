@@ -20,10 +20,9 @@ import time
 
 import pytest
 import torch
-from benchlib import best_seconds, import_installed
+from benchlib import best_seconds
 
-import_installed("kernels")  # transformers' Hugging Face kernels, not this repository's kernels/
-import sgengine as sg  # noqa: E402
+import sgengine as sg
 
 # (latent H, W, batch B) of the timed case and of the smoke case
 FULL, SMOKE = (32, 24, 2), (16, 12, 1)

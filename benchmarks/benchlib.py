@@ -23,23 +23,6 @@ from sgengine.kernels._budget import max_err, within_budget  # noqa: E402 - afte
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 
-def import_installed(name: str) -> None:
-    """Import the installed package ``name`` without the repository root on sys.path: under ``python -m
-    pytest`` the root's ``kernels/`` (installed as sgengine.kernels) would shadow Hugging Face's
-    ``kernels``, which transformers imports when it is installed (diffusers' SD3 / Flux models)."""
-    import importlib
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    kept = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        pass  # not installed: nothing imports it then
-    finally:
-        sys.path[:] = kept
-
-
 def sync() -> None:
     if ON_GPU:
         torch.cuda.synchronize()

@@ -16,6 +16,8 @@ Embedding in another training loop (examples/third_party_trainer.py runs all of 
     ema = sg.EMA(net); ema.update(net)             # after each optimiser step
     gen = sg.Generator.of(ema.module, sg.eps_param(abar), (3, 32, 32), num_classes=k)  # eps, v, D, flow nets
     x = sg.sample(gen, labels[:8], w=2.0, sampler="heun", sag_scale=0.75)  # any of sg.SAMPLERS, CFG + SAG
+    with sg.sag(pipe, scale=0.75): image = pipe(prompt).images[0]  # a diffusers pipeline (SD..SD3, Flux, ...);
+                                                   # sg.pag / sg.seg alike
     sg.save_grid(x, rows=2, path="grid.png")       # floats in [-1, 1] / [0, 1] or uint8, checked
     sg.cluster_report(labels, k, true_labels)      # NMI / ARI / accuracy / balance
 """

@@ -3,31 +3,7 @@ pipeline allows): the prompt is given as random embeddings, the output as latent
 returns (pipe, kwargs of one call at a non-square latent, except DiT whose pipeline is square)."""
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import torch
-
-
-def _import_hf_kernels() -> None:
-    """transformers imports Hugging Face's ``kernels`` package when it is installed; under ``python -m
-    pytest`` the repository root is on sys.path and its ``kernels/`` (installed as sgengine.kernels)
-    would shadow it. Import the installed one first, without the root."""
-    if "kernels" in sys.modules:
-        return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    kept = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass  # not installed: transformers does not look for it either
-    finally:
-        sys.path[:] = kept
-
-
-_import_hf_kernels()
 
 H, W = 8, 12  # latent rows x columns (non-square); pixels = 8x (the pipelines' VAE factor without a VAE)
 
