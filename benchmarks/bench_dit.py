@@ -46,7 +46,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 import roofline
-from benchlib import DEVICE, ON_GPU, check_budget, import_installed, peak_memory, record, sizes, timed
+from benchlib import DEVICE, ON_GPU, check_budget, peak_memory, record, sizes, timed
 
 from sgengine.kernels.attention_key_mass import attention_with_key_mass, attention_with_key_mass_ref
 
@@ -154,7 +154,6 @@ def step_medians(steps: dict, n: int) -> dict:
 
 def step_runs(shape) -> tuple[dict, float, int]:
     """(the three guided steps, forward FLOPs per image, parameters) of one shape, warmed up."""
-    import_installed("kernels")  # before diffusers: see benchlib.import_installed
     inputs = sd3_step_inputs(*shape, torch.bfloat16 if ON_GPU else torch.float32)
     steps = {name: timed(torch.no_grad()(lambda g=g: guided_step(g, *inputs))) for name, g in step_guiders().items()}
     for run in steps.values():  # warm up (autotune) outside the timing
