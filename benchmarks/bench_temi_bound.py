@@ -41,8 +41,8 @@ def setting(n_per: int, d: int, epochs: int, k: int = 8) -> dict:
 
     start, cpu = time.perf_counter(), time.process_time()
     bound, rows = cluster_count_bound(blobs(n_per, d, k), epochs=epochs, progress=False, log=lambda _: None)
-    return {"n_per": n_per, "d": d, "n": k * n_per, "bound": bound, "rows": rows, "seconds": time.perf_counter() - start,
-            "cpu_seconds": time.process_time() - cpu}
+    return {"n_per": n_per, "d": d, "n": k * n_per, "bound": bound, "rows": rows,
+            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
 
 
 def table(results: list[dict], epochs: int) -> str:
@@ -53,7 +53,8 @@ def table(results: list[dict], epochs: int) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         runs = ", ".join(f"{row['C']} ({row['C_u']}, {row['C_dist']:.1f}, {row['epochs']})" for row in r["rows"])
-        lines.append(f"| {r['n_per']} | {r['d']} | {r['n']} | {r['bound']} | {runs} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} |")
+        lines.append(f"| {r['n_per']} | {r['d']} | {r['n']} | {r['bound']} | {runs} | {r['seconds']:.0f} "
+                     f"| {r['cpu_seconds']:.0f} |")
     return "\n".join(lines)
 
 
