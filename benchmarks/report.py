@@ -21,6 +21,8 @@ PROVIDER_PARAMS = ("provider", "mode", "compile_", "stage")
 # Function -> (family, baseline label). Labels are the provider plus its other provider params.
 FAMILIES = {
     "test_attention_key_mass": ("attention with per-key mass", "sdpa"),
+    "test_dit_key_mass": ("key mass at SD3-medium's joint attention", "materialised"),
+    "test_dit_guider_step": ("guided step of an SD3 transformer (diffusers guiders)", "cfg"),
     "test_sag_degrade": ("fused SAG degrade", "torch-chain"),
     "test_sag_cfg_step": ("SAG+CFG sampling step", "cfg"),
     "test_lloyd_iteration": ("k-means Lloyd iteration", "torch-fp32"),
@@ -34,6 +36,7 @@ FAMILIES = {
 THROUGHPUT = (("img_per_s", "img/s", "{:.4g}"), ("forward_tflop_per_s", "TFLOP/s", "{:.3g}"),
               ("tflop_per_s", "TFLOP/s", "{:.3g}"), ("gb_per_s", "GB/s", "{:.4g}"))
 EXTRAS = (("mfu", "MFU", "{:.1%}"), ("peak_memory_gb", "peak GB", "{:.2f}"), ("peak_gb", "peak GB", "{:.2f}"),
+          ("memory_ratio", "memory vs materialised", "{:.3f}"),
           ("agreement_with_fp32", "agreement", "{:.2%}"), ("out_max_err", "max err", "{:.1e}"),
           ("x_deg_max_err", "max err", "{:.1e}"), ("Q_max_err", "max err", "{:.1e}"))
 

@@ -62,11 +62,18 @@ def roofline_info(work: Work, device_name: str, seconds: float | None) -> dict:
 # -- formulas, one per benchmark family ---------------------------------------------------------
 
 def attention(B: int, H: int, N: int, D: int, elem_bytes: int, mass: bool) -> Work:
-    """Self-attention over N tokens (bench_sag.py). FLOPs: S = QK^T and O = PV, 2*N*N*D each per
-    (batch, head): 4*B*H*N^2*D; the per-key mass needs no more matmul work when S is kept on chip
-    (a kernel that recomputes S for the mass, 1.5x this, pays for not storing it).
-    Bytes: q, k, v read and o written, 4*B*H*N*D elements; the mass adds B*N float32 (mean over heads)."""
-    return Work(4 * B * H * N * N * D, 4 * B * H * N * D * elem_bytes + (4 * B * N if mass else 0),
+    """Self-attention over N tokens (bench_sag.py): ``attention_rows`` with Nq = Nk = N."""
+    return attention_rows(B, H, N, N, D, elem_bytes, mass)
+
+
+def attention_rows(B: int, H: int, Nq: int, Nk: int, D: int, elem_bytes: int, mass: bool) -> Work:
+    """Nq queries over Nk keys (bench_sag.py; bench_dit.py: SD3's image queries over its joint
+    [image; text] keys). FLOPs: S = QK^T and O = PV, 2*Nq*Nk*D each per (batch, head):
+    4*B*H*Nq*Nk*D; the per-key mass needs no more matmul work when S is kept on chip (a kernel
+    that recomputes S for the mass, 1.5x this, pays for not storing it).
+    Bytes: q read and o written (Nq rows), k and v read (Nk rows), B*H*D*(2*Nq + 2*Nk) elements;
+    the mass adds B*Nk float32 (mean over heads)."""
+    return Work(4 * B * H * Nq * Nk * D, B * H * D * (2 * Nq + 2 * Nk) * elem_bytes + (4 * B * Nk if mass else 0),
                 MATMUL_UNITS[elem_bytes])
 
 
@@ -105,6 +112,13 @@ def sample_step(fwd_flops_per_img: float, batch: int, params: int, kind: str) ->
     float32 input and output, negligible beside them."""
     images, reads = {"plain": (batch, 1), "cfg": (2 * batch, 1), "sag": (3 * batch, 2)}[kind]
     return Work(images * fwd_flops_per_img, reads * 4 * params, MATMUL_UNITS[2])
+
+
+def guided_passes(fwd_flops_per_img: float, batch: int, params: int, passes: int, elem_bytes: int) -> Work:
+    """One step through a diffusers guider (bench_dit.py): ``passes`` separate forwards of ``batch``
+    (CFG 2; SAG, PAG or SEG with CFG 3). FLOPs: passes x batch x forward FLOPs per image. Bytes: the
+    weights (elem_bytes each) read once per pass; activations are negligible beside them."""
+    return Work(passes * batch * fwd_flops_per_img, passes * elem_bytes * params, MATMUL_UNITS[elem_bytes])
 
 
 def train_step(flops_per_img: float, batch: int, params: int) -> Work:
@@ -157,6 +171,8 @@ def spec_cases() -> list[tuple[str, Work, str]]:
         ("attention B16 H8 N4096 d64, bf16: SDPA", attention(16, 8, 4096, 64, 2, mass=False), "SDPA 1.18"),
         ("attention B16 H8 N4096 d64, bf16: + key mass", attention(16, 8, 4096, 64, 2, mass=True),
          "materialised 22.9"),
+        ("SD3-medium joint attention B2 H24 4096 img of 4429 tokens d64, bf16: + key mass",
+         attention_rows(2, 24, 4096, 4096 + 333, 64, 2, mass=True), ""),
         ("SAG degrade B256 3x32x32 k9, bf16", sag_degrade(256, 3, 32, 32, 8, 9, 2), ""),
         ("SAG degrade B256 3x64x64 k31, bf16", sag_degrade(256, 3, 64, 64, 16, 31, 2), ""),
         ("Sinkhorn 512x5000, fp32, 3 iters", sinkhorn(512, 5000, 3, 4), "SwAV 0.23, compiled 0.27"),

@@ -7,7 +7,8 @@ Steps, in priority order, each a subprocess with its own time box inside one ove
 
 1. correctness: every kernel at the benchmarks' GPU sizes under the error-budget rule
    (the ``sgengine`` rows of bench_sag / bench_sinkhorn / bench_kmeans, untimed);
-2. kernels: every kernel against its baselines at SPEC section 5's sizes (the same files, timed);
+2. kernels: every kernel against its baselines at SPEC section 5's sizes (the same files, timed),
+   and SAG's key mass at SD3-medium's joint attention against the materialised map (bench_dit.py);
 3. sag_step: the SAG+CFG sampling step against the CFG step (bench_sag_step.py);
 4. train: training img/s of in32 at batch 128, eager and compiled (``sgengine.training.bench``);
 5. compare: if time is left, ``sgengine.experiment compare`` on Tiny ImageNet at 32x32 with a step
@@ -230,6 +231,12 @@ FAMILIES = [
      "test_sinkhorn", "not sgengine-torch", 90),
     ("SAG degrade", "fused degrade vs the PyTorch chain (eager, compiled), B=256 32x32", "bench_sag.py",
      "test_sag_degrade", "32x32", 60),
+    ("DiT attention", "key mass of SD3-medium's image queries (B=2, 24 heads, 4096 image + 333 text tokens) vs "
+     "the materialised map: time, max_memory_allocated and their ratio", "bench_dit.py", "test_dit_key_mass",
+     "img4096", 60),
+    ("DiT guided step", "one step of an SD3 transformer (8 blocks of 24 x 64, 1024 image tokens, B=2) through "
+     "diffusers' guider protocol: SAG+CFG and PAG+CFG over CFG (needs diffusers)", "bench_dit.py",
+     "test_dit_guider_step", "latent64", 60),
 ]
 
 

@@ -41,6 +41,7 @@ _EXPORTS = {
     **dict.fromkeys(("SAG", "DiffusersDenoiser", "capture_key_mass", "list_attention_layers"), "guidance"),
     "CFG": "guidance.cfg",
     **dict.fromkeys(("pag", "sag", "seg"), "guidance.pipeline_guidance"),
+    **dict.fromkeys(("PAGGuider", "SAGGuider", "SEGGuider"), "guidance.guiders"),  # diffusers >= 0.36, on first use
     "scheduler_param": "guidance.schedulers",
     **dict.fromkeys(("UNET_PRESETS", "UNet", "UNetConfig", "unet_config"), "models.unet"),
     **dict.fromkeys(("Generator", "load_generator", "sample"), "sampling"),

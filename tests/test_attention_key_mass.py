@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+from sgengine.kernels import attention_key_mass as akm
 from sgengine.kernels._budget import max_err, within_budget
 from sgengine.kernels.attention_key_mass import (
     _attention_with_key_mass_op, attention_with_key_mass, attention_with_key_mass_ref)
@@ -48,6 +49,20 @@ def test_fp32_at_1023_tokens_torch():
     out, mass = attention_with_key_mass(q, k, v, backend="torch")
     out64, mass64 = truth(q, k, v)
     assert max_err(out, out64) <= 1e-5 and max_err(mass, mass64) <= 1e-5
+
+
+def test_torch_path_runs_query_chunks_and_matches_float64(monkeypatch):
+    """Forced into chunks of 7 queries (the last one short): the masses of the chunks add up to the
+    whole mass, and the scores of no more than one chunk exist at a time."""
+    q, k, v = make_qkv(2, 3, 45, 130, 32)
+    monkeypatch.setattr(akm, "CHUNK_BYTES", 3 * 2 * 3 * 130 * 4 * 7)
+    seen = []
+    real = akm.attention_with_key_mass_ref
+    monkeypatch.setattr(akm, "attention_with_key_mass_ref", lambda q, *a: seen.append(q.shape[2]) or real(q, *a))
+    out, mass = attention_with_key_mass(q, k, v, backend="torch")
+    out64, mass64 = truth(q, k, v)
+    assert seen == [7] * 6 + [3]
+    assert max_err(out, out64) <= 1e-5 and max_err(mass, mass64) <= 1e-5 * mass64.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

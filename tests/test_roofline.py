@@ -22,6 +22,8 @@ def test_formulas_count_flops_and_bytes_exactly():
     att = roofline.attention(B=2, H=3, N=4, D=8, elem_bytes=2, mass=True)
     assert (att.flops, att.bytes) == (4 * 2 * 3 * 4 * 4 * 8, 4 * 2 * 3 * 4 * 8 * 2 + 4 * 2 * 4)
     assert roofline.attention(2, 3, 4, 8, 2, mass=False).bytes == 4 * 2 * 3 * 4 * 8 * 2
+    rows = roofline.attention_rows(B=2, H=3, Nq=4, Nk=6, D=8, elem_bytes=2, mass=True)  # image rows of [img; txt]
+    assert (rows.flops, rows.bytes) == (4 * 2 * 3 * 4 * 6 * 8, 2 * 3 * 8 * (2 * 4 + 2 * 6) * 2 + 4 * 2 * 6)
     deg = roofline.sag_degrade(B=1, C=3, H=4, W=4, side=2, kernel_size=3, elem_bytes=4)
     assert (deg.flops, deg.bytes) == (48 * (4 * 3 + 3), 3 * 48 * 4 + 4 * 2 * 2 + 8)
     km = roofline.lloyd(N=10, d=4, K=3, elem_bytes=2, units=roofline.MATMUL_UNITS[2])
@@ -30,6 +32,8 @@ def test_formulas_count_flops_and_bytes_exactly():
     assert (sk.flops, sk.bytes) == (10 * (3 + 12), 10 * (2 + 4))
     assert [(w.flops, w.bytes) for w in (roofline.sample_step(100, 4, 10, k) for k in ("plain", "cfg", "sag"))] == \
         [(400, 40), (800, 40), (1200, 80)]
+    guided = roofline.guided_passes(100, 2, 10, passes=3, elem_bytes=2)
+    assert (guided.flops, guided.bytes) == (600, 60)
     assert (roofline.train_step(300, 2, 10).flops, roofline.train_step(300, 2, 10).bytes) == (600, 280)
 
 

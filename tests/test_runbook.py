@@ -103,7 +103,7 @@ def test_smoke_run_end_to_end(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())["benchmarks"]
     families = {row["name"].split("[")[0] for row in rows}
     assert families == {"test_attention_key_mass", "test_sag_degrade", "test_lloyd_iteration", "test_sinkhorn",
-                        "test_sag_cfg_step"}
+                        "test_sag_cfg_step", "test_dit_key_mass", "test_dit_guider_step"}
     assert all(row["extra_info"]["flops"] > 0 and row["extra_info"]["bytes"] > 0 for row in rows)
     md = (tmp_path / "runbook.md").read_text()
     assert md.startswith("# GPU runbook: no GPU") and "smoke" in md and "| of roofline |" in md

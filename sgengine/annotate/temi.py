@@ -23,10 +23,26 @@ horizon 1 / (1 - m0) stays S / 80 steps) and lr = 5e-4 s, so that the teacher an
 as far in a short run as in the paper's. Runs of 20k steps or more use the paper's values; explicit
 ``momentum`` / ``lr`` override the scaling.
 
-The upper bound (C-EDM section 3.3): utilisation C_u / C (C_u = clusters with at least one image)
-for C doubling from ``c_start`` until it falls below ``threshold``, then a grid search over every C
-between the last good and the first bad doubling step, as the paper; the bound is the largest C
-tried whose utilisation stays at or above the threshold (utilisation need not be monotone in C).
+The upper bound (C-EDM section 3.3): utilisation C_u / C for C doubling from ``c_start`` until it
+falls below ``threshold``, then every C above the last good doubling step up to the first C below
+the threshold; the bound is the largest good C. C_u is the paper's count (clusters that are some
+image's argmax) with the clusters the head cannot tell apart counted once (``distinct_clusters``),
+because with beta < 1 the argmax count is noise once C exceeds the groups in the data. Found on 8
+separated blobs (every point's 50 neighbours in its blob): at C = 32 each blob's teacher
+probabilities are 1/4 on each of 4 clusters (mean max probability 0.256, entropy log 4), so each
+point's argmax follows its own tiny logit differences and all 32 clusters are "used" (C = 10, 16:
+max probability 0.88, 0.50, every cluster again an argmax; C = 8: 1.00). The cause is eq. 6, not the
+schedule: for a fixed teacher the student maximises sum_k a_k q_k^beta, a_k = q_t,k^beta / p_k,
+strictly concave in q for beta < 1, so mass is shared evenly among clusters of equal a_k (the
+optimum is q_k ~ a_k^(1 / (1 - beta))); and as p_k is the teacher's own marginal, a cluster that
+takes more of a blob raises its p_k and loses mass again. By this argument (measured at the defaults
+only) the even spread over duplicates is stable whatever the temperature, teacher momentum, lr or
+run length: it is how TEMI "enforces C_u = C" (C-EDM 3.3; appendix C.1: beta < 1 damps the numerator
+that rewards one-hot pairs, at beta = 1 the split is neutral and partial collapse sets in). Counted
+once, duplicates leave the bound what TEMI distinguishes: 8 on all six blob settings of
+benchmarks/bench_temi_bound.py (C = 9, 16 give C_dist 7.4-8.0). The information count exp I(X; K)
+also gives 8 on the blobs but falls with soft boundaries (digits pixels, C = 10: 6.4) where
+``distinct_clusters`` gives 8.9 (C = 20: 9.0; the argmax count: 10 and 20).
 """
 from __future__ import annotations
 
@@ -170,6 +186,28 @@ def assign(heads: TEMIHeads, x: torch.Tensor, head: int, batch_size: int = 4096)
     return torch.cat([heads(x[i:i + batch_size], one)[0].argmax(-1) for i in range(0, len(x), batch_size)])
 
 
+def distinct_clusters(q: torch.Tensor) -> float:
+    """C_u of the paper with the clusters a head cannot tell apart counted once, from its cluster
+    probabilities q (N, C) over the data: over the clusters that are some row's argmax, with S the
+    cosine similarity of their probability columns (S_ab = 1: a and b hold the same rows in the same
+    proportions), the participation ratio C_u^2 / sum_ab S_ab^2. Orthogonal columns (hard or
+    boundary-soft assignments, any balance) give C_u; a group spread evenly over m duplicate clusters
+    counts once (module doc)."""
+    q = q.double()
+    used = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
+    used[q.argmax(-1)] = True
+    gram = q[:, used].T @ q[:, used]
+    norm = gram.diagonal().sqrt()
+    return float(used.sum() ** 2 / (gram / norm[:, None] / norm).square().sum())
+
+
+@torch.no_grad()
+def head_distinct_clusters(heads: TEMIHeads, x: torch.Tensor, tau: float, batch_size: int = 1024) -> list[float]:
+    """``distinct_clusters`` of every head over the rows x, one head's (N, C) probabilities at a time."""
+    return [distinct_clusters(_log_probs(heads, x, slice(h, h + 1), tau, batch_size)[0][0].exp())
+            for h in range(heads.v.shape[0])]
+
+
 @torch.no_grad()
 def final_head_loss(heads: TEMIHeads, x: torch.Tensor, nbrs: torch.Tensor, cfg: TEMIConfig,
                     batch_size: int = 1024, max_bytes: int = 1 << 30) -> torch.Tensor:
@@ -260,10 +298,13 @@ class _Trainer:
         _ema(self.teacher, self.student, momentum)
         return head_loss.detach()
 
-    def fit(self, epochs: int, progress: bool) -> list[torch.Tensor]:
-        """Train; returns the mean loss per head (H,) of every epoch."""
+    def fit(self, epochs: int, progress: bool, settle: int = 0) -> list[torch.Tensor]:
+        """Train; returns the mean loss per head (H,) of every epoch. settle > 0: stop once every
+        head's ``distinct_clusters`` has moved by less than half a cluster over ``settle`` epochs
+        (checked after the lr warm-up; the schedules keep the full run's length)."""
         n, batch = len(self.x), min(self.cfg.batch_size, len(self.x))
-        per_epoch, history = math.ceil(n / batch), []
+        per_epoch, history, counts = math.ceil(n / batch), [], []
+        start = max(min(self.cfg.warmup_epochs, epochs // 10), self.cfg.freeze_last_layer_epochs)
         bar = tqdm(range(epochs), desc=f"TEMI C={self.prior.shape[1]}", disable=not progress)
         for epoch in bar:
             perm, total = torch.randperm(n, generator=self.gen).to(self.x.device), 0
@@ -273,45 +314,61 @@ class _Trainer:
                 total = total + self.step(perm[j * batch:(j + 1) * batch], lr, m, freeze)
             history.append((total / per_epoch).cpu())
             bar.set_postfix(loss=f"{float(history[-1].min()):.4f}")
+            if settle and epoch >= start and self.settled(counts, settle):
+                break
         return history
+
+    def settled(self, counts: list[torch.Tensor], window: int) -> bool:
+        """Appends every head's ``distinct_clusters`` (on at most 2048 fixed random rows) and says whether none moved
+        by half a cluster or more over the last ``window`` epochs."""
+        rows = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(0))[:2048].to(self.x.device)
+        counts.append(torch.tensor(head_distinct_clusters(self.teacher, self.x[rows], self.cfg.temperature)))
+        return len(counts) > window and bool((counts[-1] - counts[-1 - window]).abs().max() < 0.5)
 
 
 def temi_cluster(features: torch.Tensor, clusters: int, epochs: int = 100, cfg: TEMIConfig = TEMIConfig(),
-                 knn: torch.Tensor | None = None, device=None, progress: bool = True) -> tuple[torch.Tensor, dict]:
+                 knn: torch.Tensor | None = None, device=None, progress: bool = True,
+                 settle: int = 0) -> tuple[torch.Tensor, dict]:
     """TEMI on (N, d) features into ``clusters`` clusters -> (ids (N,) int64 CPU, info).
 
     info: 'head' (the best head), 'head_loss' (``final_head_loss`` per head), 'loss' (best head's
-    mean training loss per epoch), 'used' / 'utilisation' / 'kl_uniform'. knn: precomputed (N, k) neighbour
-    indices (re-used across runs by the bound search). device: default CUDA when available."""
+    mean training loss per epoch; its length is the epochs run), 'used' / 'utilisation' / 'kl_uniform'
+    of the argmax ids, 'distinct' (``distinct_clusters`` of the best head) and 'distinct_utilisation'
+    (distinct / clusters). knn: precomputed (N, k) neighbour indices (re-used across runs by the bound
+    search). settle: stop early once the counts settle (``_Trainer.fit``). device: default CUDA when
+    available."""
     if not torch.isfinite(features).all():
         raise ValueError("features contain NaN or Inf; check the extractor or the input images")
-    if clusters < 1 or epochs < 1:
-        raise ValueError(f"need clusters >= 1 and epochs >= 1, got clusters={clusters}, epochs={epochs}")
+    if clusters < 1 or epochs < 1 or settle < 0:
+        raise ValueError(f"need clusters >= 1, epochs >= 1 and settle >= 0, got clusters={clusters}, "
+                         f"epochs={epochs}, settle={settle}")
     x = F.normalize(features.float(), dim=1).to(resolve_device(device, features.device))
     nbrs = (cosine_knn(x, cfg.knn) if knn is None else knn).to(x.device)
     run = _Trainer(x, clusters, nbrs, cfg)
-    history = run.fit(epochs, progress)
+    history = run.fit(epochs, progress, settle)
     final = final_head_loss(run.teacher, x, nbrs, cfg)
     head = int(final.argmin())
     ids = assign(run.teacher, x, head).cpu()
+    distinct = distinct_clusters(_log_probs(run.teacher, x, slice(head, head + 1), cfg.temperature, 1024)[0][0].exp())
     info = {"head": head, "head_loss": final.tolist(), "loss": [float(h[head]) for h in history],
-            **balance(ids.numpy(), clusters)}
+            **balance(ids.numpy(), clusters), "distinct": distinct, "distinct_utilisation": distinct / clusters}
     return ids, info
 
 
 def cluster_count_bound(features: torch.Tensor, threshold: float = 0.9, c_start: int = 2, c_max: int = 4096,
                         epochs: int = 50, cfg: TEMIConfig = TEMIConfig(), step: int = 1, device=None,
-                        progress: bool = True, log=print) -> tuple[int, list[dict]]:
+                        progress: bool = True, log=print, settle: int = 5) -> tuple[int, list[dict]]:
     """Upper bound on the useful number of clusters (C-EDM section 3.3) and the table it used.
 
-    threshold: the utilisation C_u / C that counts as "all clusters used"; 0.9 is our default
-    (tune it per data set). As the paper: TEMI runs at c_start, 2 c_start, ... <= c_max until the
-    utilisation first falls below the threshold (at C_bad), then a grid search at every ``step``-th
-    C between the last doubling step and C_bad. The bound is the largest C tried whose utilisation
-    is >= threshold. Utilisation is not monotone in C (8 blobs: C = 10, 11, 12 give 0.90, 1.0,
-    0.83), so a bisection could stop at a dip; the grid sees every C of the bracket. If even
-    c_start is below the threshold the grid covers 2 .. c_start - 1 (C = 1 is always fully used).
-    Returns (bound, rows sorted by C, each {'C', 'C_u', 'ratio'}) and logs the table."""
+    threshold: the utilisation C_u / C that counts as "all clusters used", C_u the distinct count
+    (module doc); 0.9 is our default (tune it per data set). As the paper: TEMI runs at c_start,
+    2 c_start, ... <= c_max until the utilisation first falls below the threshold (at C_bad), then at
+    every ``step``-th C above the last good doubling step, up to the first C below the threshold
+    (so at most C_bad / 2 runs more; on 8 blobs C = 9 already is: 8 / 9). The bound is the largest C
+    whose utilisation is >= threshold. If even c_start is below the threshold the grid starts at 2
+    (C = 1 is always fully used). Each run stops early once its counts settle (``settle`` epochs, 0:
+    never; ``_Trainer.fit``). Returns (bound, rows sorted by C, each {'C', 'C_u' (argmax count),
+    'C_dist', 'ratio' (C_dist / C), 'epochs' (run)}) and logs the table."""
     if not 0 < threshold <= 1 or not 1 <= c_start <= c_max or step < 1:
         raise ValueError(f"need 0 < threshold <= 1, 1 <= c_start <= c_max, step >= 1; got "
                          f"threshold={threshold}, c_start={c_start}, c_max={c_max}, step={step}")
@@ -320,9 +377,10 @@ def cluster_count_bound(features: torch.Tensor, threshold: float = 0.9, c_start:
     table: dict[int, dict] = {}
 
     def good(c: int) -> bool:
-        _, info = temi_cluster(features, c, epochs, cfg, knn, device, progress)
-        table[c] = {"C": c, "C_u": info["used"], "ratio": info["utilisation"]}
-        return info["utilisation"] >= threshold
+        _, info = temi_cluster(features, c, epochs, cfg, knn, device, progress, settle)
+        table[c] = {"C": c, "C_u": info["used"], "C_dist": info["distinct"], "ratio": info["distinct_utilisation"],
+                    "epochs": len(info["loss"])}
+        return table[c]["ratio"] >= threshold
 
     lo, bad, c = 1, None, min(c_start, c_max)
     while bad is None:
@@ -331,7 +389,8 @@ def cluster_count_bound(features: torch.Tensor, threshold: float = 0.9, c_start:
             break
         c = min(2 * c, c_max)
     for c in range(lo + step, bad if bad is not None else lo, step):
-        good(c)
+        if not good(c):
+            break
     bound = max([1] + [r["C"] for r in table.values() if r["ratio"] >= threshold])
     rows = [table[k] for k in sorted(table)]
     log(format_table(rows, threshold, bound))
@@ -339,9 +398,10 @@ def cluster_count_bound(features: torch.Tensor, threshold: float = 0.9, c_start:
 
 
 def format_table(rows: list[dict], threshold: float, bound: int) -> str:
-    lines = [f"{'C':>7} {'C_u':>7} {'C_u/C':>7}"]
-    lines += [f"{r['C']:>7} {r['C_u']:>7} {r['ratio']:>7.3f}{'  <- bound' if r['C'] == bound else ''}" for r in rows]
-    return "\n".join(lines + [f"upper bound on the number of clusters: {bound} (utilisation >= {threshold})"])
+    lines = [f"{'C':>7} {'C_u':>7} {'C_dist':>7} {'C_dist/C':>7} {'epochs':>7}"]
+    lines += [f"{r['C']:>7} {r['C_u']:>7} {r['C_dist']:>7.2f} {r['ratio']:>7.3f} {r['epochs']:>7}"
+              f"{'  <- bound' if r['C'] == bound else ''}" for r in rows]
+    return "\n".join(lines + [f"upper bound on the number of clusters: {bound} (C_dist / C >= {threshold})"])
 
 
 def temi_annotations(features: torch.Tensor, k: int, settings: dict, epochs: int = 100,
