@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..annotate.io import Annotations, load_annotations
 from ..checkpoint import latest_checkpoint, load_meta, load_state, load_weights, save_checkpoint, step_folders
-from ..common import ranks
+from ..common import ranks, runlock
 from ..config import TrainConfig, check_runnable, from_dict, to_dict
 from ..data import BatchLoader, ImageData, load_data, report_skipped
 from ..device import resolve_device
@@ -34,6 +34,7 @@ from ..viz import save_grid
 from . import distributed as D, ds  # imports no DeepSpeed until a run asks for it
 from .ema import ema_decay
 from .engines import LossWatch, make_engine
+from .interrupt import Interrupted, StopRequest
 from .logger import MetricsLogger
 from .resume import apply_optimiser_settings, config_changes, describe_changes, nonfinite_counts, resume_point
 
@@ -96,6 +97,15 @@ class Trainer:
         self.out, self.device = Path(cfg.out), D.local_device(resolve_device(cfg.device), self.dist)
         D.setup(self.device, self.dist, need_group=cfg.deepspeed)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:
+            runlock.acquire(self.out, self.log)  # one run per --out (common/runlock.py); run() lets go
+        try:
+            self._prepare(cfg, annotations)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _prepare(self, cfg: TrainConfig, annotations) -> None:
         net_cfg = cfg.uvit if cfg.arch == "uvit" else cfg.model  # the network fixes size and channels
         self.data = load_data(cfg.data, net_cfg.img_size, net_cfg.in_channels, self.dist.main, cfg.data_resize)
         report_skipped(self.data, self.log)
@@ -108,6 +118,7 @@ class Trainer:
         self.loader = BatchLoader(self.data, self.device)  # packs: gathered from the map in the background
         self._build()
         self.resumed_from = self._resume() if cfg.resume else self._fresh()
+        self._saved, self._saved_step = None, None  # the last checkpoint this run wrote
         self.metrics = MetricsLogger(self.out, self.step if self.resumed_from else None) if self.dist.main else None
 
     def _data_to_device(self) -> None:
@@ -266,6 +277,18 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to cfg.steps. Ctrl-C stops at the next step boundary, after that step's checkpoint
+        (interrupt.py), and raises Interrupted; the run lock of --out is let go either way."""
+        try:
+            with StopRequest() as stop:
+                self._loop(stop)
+                return self.finish()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint written stands
+            raise Interrupted(self.step, self._newest(), at_once=True) from None
+        finally:
+            self._unlock()
+
+    def _loop(self, stop: StopRequest) -> None:
         cfg, t0 = self.cfg, time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.dist.main)
         try:
@@ -275,12 +298,17 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     t0 = self._log(t0, bar)
                 self._periodic()
-        except KeyboardInterrupt:
-            self.log(f"interrupted at step {self.step}; checkpoint: {self.checkpoint()}")
-            raise
+                if self.step < cfg.steps and stop.due():
+                    raise Interrupted(self.step, self._saved if self._saved_step == self.step else self.checkpoint())
         finally:
             bar.close()
-        return self.finish()
+
+    def _newest(self) -> Path | None:
+        return latest_checkpoint(self.out) if self.dist.main else None
+
+    def _unlock(self) -> None:
+        if self.dist.main:
+            runlock.release(self.out)
 
     def _log(self, t0: float, bar) -> float:
         steps, loss = self.watch.n, self._check_loss()
@@ -319,6 +347,7 @@ class Trainer:
                                    self.cfg.keep_checkpoints, extra=lambda tmp: self._extra_files(tmp, stage))
             self.metrics.plot(self.out / "loss.png")
         ranks.barrier()
+        self._saved, self._saved_step = path, self.step
         return path
 
     def _check_finite(self, model) -> None:
