@@ -118,11 +118,11 @@ def interrupted_line(err: BaseException, cfg: TrainConfig, argv: list[str]) -> s
     if isinstance(err, Interrupted) and not err.at_once:
         return f"interrupted: stopped after step {err.step}, saved {err.checkpoint}; resume with: {resume_command(argv)}"
     last = latest_checkpoint(cfg.out) if Path(cfg.out).is_dir() else None
-    when = (f"during step {err.step + 1}, before its checkpoint" if isinstance(err, Interrupted)
-            else "before training started")
+    when = (f"stopped at once after step {err.step}, without its checkpoint" if isinstance(err, Interrupted)
+            else "stopped before training started")
     if last is None:
-        return f"interrupted {when}: nothing to resume in {cfg.out}; start again with: {_command(argv)}"
-    return f"interrupted {when}: the last checkpoint is {last}; resume with: {resume_command(argv)}"
+        return f"interrupted: {when}; nothing to resume in {cfg.out}; start again with: {_command(argv)}"
+    return f"interrupted: {when}; the last checkpoint is {last}; resume with: {resume_command(argv)}"
 
 
 def _last_intact(cfg: TrainConfig) -> str:

@@ -138,7 +138,7 @@ def test_a_second_ctrl_c_inside_the_interrupt_checkpoint_stops_at_once(tmp_path,
         assert _train(out) == 130
     last = out / "ckpt" / "step_00000002"
     assert _messages(capsys.readouterr().err) == [
-        f"interrupted during step 4, before its checkpoint: the last checkpoint is {last}; resume with: "
+        f"interrupted: stopped at once after step 3, without its checkpoint; the last checkpoint is {last}; resume with: "
         f"python -m sgengine.train {' '.join(FLAGS)} --out {out} --resume"]
     assert latest_checkpoint(out) == last and not list((out / "ckpt").glob(".step_*"))  # no half folder left
     assert _train(out, "--resume") == 0
@@ -151,7 +151,7 @@ def test_ctrl_c_before_the_first_step_is_one_line(tmp_path, monkeypatch, capsys)
     _interrupt_on(monkeypatch, Trainer, "_build", 1)
     assert main(["--preset", "tiny", "--out", str(out), "--steps", "2"]) == 130  # after k-means, in set-up
     assert _messages(capsys.readouterr().err) == [
-        f"interrupted before training started: nothing to resume in {out}; start again with: "
+        f"interrupted: stopped before training started; nothing to resume in {out}; start again with: "
         f"python -m sgengine.train --preset tiny --out {out} --steps 2"]
     assert not (out / LOCK_FILE).exists()
 
@@ -411,3 +411,23 @@ def test_a_lock_written_on_another_host_is_refused(tmp_path, capsys):
         f"error: {lock} names pid 1 on elsewhere (started 2026-01-01 00:00:00 UTC: x), a process that cannot be "
         f"checked from {socket.gethostname()}: if that run has ended, delete {lock} and start again"]
     assert json.loads(lock.read_text()) == other and [p.name for p in out.iterdir()] == [LOCK_FILE]
+
+
+def test_without_flock_the_written_holder_decides(tmp_path, monkeypatch):
+    """File systems without flock (some network mounts): a live pid on this host still refuses."""
+    from sgengine.common import runlock
+
+    monkeypatch.setattr(runlock, "fcntl", None)
+    out, host = tmp_path / "run", socket.gethostname()
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": host}))
+    with pytest.raises(runlock.RunLocked, match=f"--out {out} is in use by pid {os.getppid()} on {host} "):
+        runlock.acquire(out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": host}))
+    notes = []
+    runlock.acquire(out, notes.append)
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid() and "no longer running" in notes[0]
+    runlock.release(out)
+    assert not (out / LOCK_FILE).exists()

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import atexit
 import errno
-import fcntl
 import json
 import os
 import socket
 import sys
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the written holder alone decides (see _lock)
+    fcntl = None
 
 LOCK_FILE = "run.lock"
 _HELD: dict[str, list] = {}  # realpath of the lock file -> [open file object, holders in this process]
@@ -83,15 +87,16 @@ def _lock(fh) -> bool:
     """True when this process now holds the OS lock; without flock support (some network file
     systems), only the written holder can tell, so a live holder on this host still refuses."""
     try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
     except BlockingIOError:
         return False
     except OSError as err:
         if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
             raise
-        holder = _read(fh)
-        return not (holder and holder.get("host") == socket.gethostname() and _alive(holder.get("pid")))
+    holder = _read(fh)
+    return not (holder and holder.get("host") == socket.gethostname() and _alive(holder.get("pid")))
 
 
 def _same_file(fh, path: Path) -> bool:

@@ -4,7 +4,9 @@ One loop: sample a batch, drop conditions with p_uncond, the objective's loss, A
 warmup, gradient clipping, EMA; logs, sample grids (rows = clusters) and atomic checkpoints.
 Every source of randomness is a seeded generator saved in the checkpoint (or derived from
 the step), so a killed run resumed with ``--resume`` reaches the same weights as an
-uninterrupted one.
+uninterrupted one. Ctrl-C is only noted and acted on between whole steps (interrupt.py): the run
+writes that step's checkpoint and raises Interrupted. One run per ``--out``: the trainer holds its
+run lock (common/runlock.py) on rank 0 from set-up to finish.
 
 Scale-out (see distributed.py for the global batch and the sharding): the loop drives one
 engine object (engines.py): plain in one process, torch DDP under torchrun, or DeepSpeed
@@ -97,8 +99,9 @@ class Trainer:
         self.out, self.device = Path(cfg.out), D.local_device(resolve_device(cfg.device), self.dist)
         D.setup(self.device, self.dist, need_group=cfg.deepspeed)
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.dist.main:
-            runlock.acquire(self.out, self.log)  # one run per --out (common/runlock.py); run() lets go
+        self._locked = self.dist.main  # one run per --out (common/runlock.py); finish() or a failed run() lets go
+        if self._locked:
+            runlock.acquire(self.out, self.log)
         try:
             self._prepare(cfg, annotations)
         except BaseException:
@@ -307,7 +310,8 @@ class Trainer:
         return latest_checkpoint(self.out) if self.dist.main else None
 
     def _unlock(self) -> None:
-        if self.dist.main:
+        if self._locked:
+            self._locked = False
             runlock.release(self.out)
 
     def _log(self, t0: float, bar) -> float:
@@ -389,5 +393,6 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         ranks.barrier()
+        self._unlock()
         return {"checkpoint": ckpt, "grid": grid, "latest_grid": self.out / "samples.png",
                 "metrics": self.out / "metrics.jsonl", "curve": self.out / "loss.png"}
