@@ -166,7 +166,12 @@ def save_engine(engine, out: Path, step: int, info: DistInfo) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
     barrier()
     with naming_a_full_disk(stage):  # torch.save under DeepSpeed loses the errno of a full disk
-        engine.save_checkpoint(str(stage), tag=DS_TAG, save_latest=False)
+        try:
+            engine.save_checkpoint(str(stage), tag=DS_TAG, save_latest=False)
+        except BaseException:
+            if info.main:  # the run stops here: give a full disk its space back
+                shutil.rmtree(stage, ignore_errors=True)
+            raise
     barrier()
     return stage
 
