@@ -46,6 +46,7 @@ class StopRequest:
         self.group = dist.new_group(backend="gloo") if ranks.world_size() > 1 else None  # collective
 
     def __enter__(self) -> StopRequest:
+        # Installed even over SIG_IGN (a script's background job): an explicit kill -INT still means stop.
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
