@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -36,7 +36,8 @@ def atomic_write(path, write) -> Path:
             write(tmp)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with suppress(OSError):  # never hide the write's own error
+                tmp.unlink()
             raise
     return path
 
@@ -72,18 +73,20 @@ def naming_a_full_disk(path):
 def is_disk_full(err: BaseException, path, check_space: bool = True) -> bool:
     """ENOSPC / EDQUOT anywhere in the exception chain or its words; else (``check_space``, for the
     writers that drop the errno) a file system left with less than NEARLY_FULL bytes."""
-    seen = err
-    while seen is not None:
+    seen, depth = err, 0
+    while seen is not None and depth < 16:
         if isinstance(seen, OSError) and seen.errno in FULL_ERRNOS:
             return True
         if any(word in str(seen).lower() for word in FULL_WORDS):
             return True
-        seen = seen.__cause__ or seen.__context__
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
     return check_space and free_bytes(path) < NEARLY_FULL
 
 
 def free_bytes(path) -> int:
     """Bytes this process may still write on the file system of ``path`` (root may use the reserve)."""
+    if not hasattr(os, "statvfs"):
+        return shutil.disk_usage(existing_folder(path)).free
     st = os.statvfs(existing_folder(path))
     return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
