@@ -431,3 +431,17 @@ def test_without_flock_the_written_holder_decides(tmp_path, monkeypatch):
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid() and "no longer running" in notes[0]
     runlock.release(out)
     assert not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.timeout(60)
+def test_the_sample_cli_names_a_full_disk(straight, tmp_path, monkeypatch, capsys):
+    from sgengine.sample import main as sample_main
+
+    module = sys.modules["sgengine.sample"]  # the module object (the package attribute is the function)
+    monkeypatch.setattr(module, "open", lambda file, mode="r": _FullFile(open(file, mode)), raising=False)
+    out = tmp_path / "grid.png"
+    assert sample_main(["--ckpt", str(straight), "--n", "2", "--steps", "2", "--out", str(out)]) == 2
+    mount, device = sgio.mount_of(tmp_path)
+    [line] = [m for m in _messages(capsys.readouterr().err) if m.startswith("error:")]
+    assert line.startswith(f"error: the disk is full: no space left for {out.with_suffix('.npz')} on {mount} ({device}, ")
+    assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]  # no half .npz
