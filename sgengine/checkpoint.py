@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .common.io import atomic_write
+from .common.io import atomic_write, naming_a_full_disk
 
 MANIFEST = "files"  # meta.json: {path relative to the folder: [size in bytes, CRC-32]}
 LEGACY_FILES = ("model.safetensors", "ema.safetensors", "state.pt")  # checkpoints written without a manifest
@@ -49,19 +49,29 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, ema, state: dict,
     final = ckdir / f"step_{step:08d}"
     tmp = ckdir / f".step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_state_dict(model), str(tmp / "model.safetensors"))
-    save_file(_state_dict(ema), str(tmp / "ema.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    if extra is not None:
-        extra(tmp)
-    record = json.dumps({**meta, MANIFEST: manifest(tmp)}, indent=1)
-    atomic_write(tmp / "meta.json", lambda f: f.write_text(record))  # last: it vouches for the others
+    with naming_a_full_disk(tmp):
+        try:
+            _write_folder(tmp, model, ema, state, meta, extra)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets the space back; older steps stay
+            raise
     _set_aside(final)
     os.replace(tmp, final)
     atomic_write(ckdir / "latest", lambda tmp: tmp.write_text(final.name))
     _prune(ckdir, keep)
     return final
+
+
+def _write_folder(tmp: Path, model, ema, state: dict, meta: dict, extra) -> None:
+    tmp.mkdir()
+    save_file(_state_dict(model), str(tmp / "model.safetensors"))
+    save_file(_state_dict(ema), str(tmp / "ema.safetensors"))
+    with open(tmp / "state.pt", "wb") as fh:  # a file object keeps the errno of a failed write (a path loses it)
+        torch.save(state, fh)
+    if extra is not None:
+        extra(tmp)
+    record = json.dumps({**meta, MANIFEST: manifest(tmp)}, indent=1)
+    atomic_write(tmp / "meta.json", lambda f: f.write_text(record))  # last: it vouches for the others
 
 
 def _prune(ckdir: Path, keep: int) -> None:

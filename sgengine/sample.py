@@ -20,6 +20,7 @@ from .guidance.attach import list_attention_layers
 from .sampling import generator_at, grid_clusters, sample
 from .checkpoint import load_meta, resolve_checkpoint
 from .common.flags import Count, FlagParser, NonNeg, NonNegInt, add_typed
+from .common.io import DiskFull, atomic_write
 from .common.paths import check_writable
 from .diffusion.samplers import SAMPLERS
 from .viz import save_grid
@@ -166,11 +167,20 @@ def check_model(gen, args) -> None:
 
 def _write(x: torch.Tensor, ids: torch.Tensor | None, rows: int, out: str) -> int:
     imgs = x.cpu()  # uint8: to_images decoded latents, or scaled pixels
-    out = Path(out)
-    save_grid(imgs, rows, out, scale=2)
-    np.savez(out.with_suffix(".npz"), images=imgs.numpy(), clusters=(ids.numpy() if ids is not None else np.array([])))
+    out, clusters = Path(out), ids.numpy() if ids is not None else np.array([])
+    try:
+        save_grid(imgs, rows, out, scale=2)
+        atomic_write(out.with_suffix(".npz"), lambda tmp: _savez(tmp, images=imgs.numpy(), clusters=clusters))
+    except DiskFull as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out} ({len(imgs)} samples, {rows} rows) and {out.with_suffix('.npz')}")
     return 0
+
+
+def _savez(path: Path, **arrays) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez would add .npz to the temporary name
+        np.savez(fh, **arrays)
 
 
 class _CallableModule(types.ModuleType):

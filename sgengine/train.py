@@ -11,14 +11,22 @@ group's rendezvous and read the finished file.
 """
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from pathlib import Path
 
+from .checkpoint import latest_checkpoint
+from .common import runlock
+from .common.io import DiskFull
 from .common.paths import check_writable
 from .common.ranks import dist_info, world_size
 from .config import TrainConfig, parse_args
 from .data import load_data
+from .training.interrupt import Interrupted
 from .training.trainer import SELF_LABELS_FILE, NonFiniteLoss, Trainer
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program that Ctrl-C stopped
 
 
 def _trainer_class(cfg):
@@ -63,30 +71,79 @@ def self_labels(cfg: TrainConfig, log=print) -> Path | None:
 
 
 def train(cfg: TrainConfig, log=print) -> tuple[Trainer, dict]:
-    """The whole run as the CLI does it: output checks, self-labels, training. Returns the trainer
-    and its outputs (checkpoint, grid, metrics)."""
+    """The whole run as the CLI does it: output checks, the run lock, self-labels, training. Returns
+    the trainer and its outputs (checkpoint, grid, metrics)."""
     check_outputs(cfg)
-    self_labels(cfg, log)
-    trainer = _trainer_class(cfg)(cfg, log=log)  # reads --out/annotations.safetensors for self-labels
-    return trainer, trainer.run()
+    main_rank = dist_info().main
+    if main_rank:  # before k-means: a second run on this --out is refused before any work
+        runlock.acquire(cfg.out, log)
+    try:
+        self_labels(cfg, log)
+        trainer = _trainer_class(cfg)(cfg, log=log)  # reads --out/annotations.safetensors for self-labels
+        return trainer, trainer.run()
+    finally:
+        if main_rank:
+            runlock.release(cfg.out)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     try:
         trainer, out = train(cfg)
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except DiskFull as err:
+        print(f"error: {err}; {_last_intact(cfg)}: free space there, then continue with: {resume_command(argv)}",
+              file=sys.stderr)
+        return 2
     except (ValueError, OSError, KeyError, ImportError) as err:  # OSError: missing, existing, unwritable files
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as err:
+        if dist_info().main:
+            print(interrupted_line(err, cfg, argv), file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not trainer.dist.main:
         return 0
     print(f"done: {trainer.step} steps in {cfg.out}")
     for name, path in out.items():
         print(f"  {name:12s} {path}")
     return 0
+
+
+def interrupted_line(err: BaseException, cfg: TrainConfig, argv: list[str]) -> str:
+    """The one line of a Ctrl-C: the step the run stopped at, what was saved, the resume command."""
+    if isinstance(err, Interrupted) and not err.at_once:
+        return f"interrupted: stopped after step {err.step}, saved {err.checkpoint}; resume with: {resume_command(argv)}"
+    last = latest_checkpoint(cfg.out) if Path(cfg.out).is_dir() else None
+    when = (f"stopped at once after step {err.step}, without its checkpoint" if isinstance(err, Interrupted)
+            else "stopped before training started")
+    if last is None:
+        return f"interrupted: {when}; nothing to resume in {cfg.out}; start again with: {_command(argv)}"
+    return f"interrupted: {when}; the last checkpoint is {last}; resume with: {resume_command(argv)}"
+
+
+def _last_intact(cfg: TrainConfig) -> str:
+    last = latest_checkpoint(cfg.out) if Path(cfg.out).is_dir() else None
+    return f"the last intact checkpoint is {last}" if last else "no checkpoint was written yet"
+
+
+def resume_command(argv: list[str]) -> str:
+    """This run's command line with --resume (torchrun's part for a run of several ranks)."""
+    return _command(argv if "--resume" in argv else [*argv, "--resume"])
+
+
+def _command(argv: list[str]) -> str:
+    info = dist_info()
+    if info.world == 1:
+        launcher = "python -m sgengine.train"
+    elif info.world == int(os.environ.get("LOCAL_WORLD_SIZE", info.world)):
+        launcher = f"torchrun --nproc_per_node={info.world} -m sgengine.train"
+    else:
+        launcher = "torchrun <the same torchrun options> -m sgengine.train"
+    return " ".join([launcher, *map(shlex.quote, argv)])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .common.io import atomic_write
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]  # line colours, first for single-series plots
 
@@ -65,8 +67,15 @@ def save_grid(images: torch.Tensor, rows: int, path: str | os.PathLike, scale: i
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
+    save_image(im, path)
     return path
+
+
+def save_image(im: Image.Image, path: str | os.PathLike) -> Path:
+    """Write an image atomically, in the format its suffix names (PNG when none): a killed run or a
+    full disk never leaves half an image (common.io)."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    return atomic_write(path, lambda tmp: im.save(tmp, format=fmt))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -99,7 +108,7 @@ def plot_curve(xs, ys, path: str | os.PathLike, title: str, size=(640, 360)) -> 
         d.text((4, y1 - 10), f"{10**lo if logy else lo:.3g}", fill="black")
         d.text((x0, y1 + 8), f"step {xs[0]}", fill="black")
         d.text((x1 - 80, y1 + 8), f"step {xs[-1]}", fill="black")
-    im.save(path)
+    save_image(im, path)
     return Path(path)
 
 
@@ -115,7 +124,7 @@ def plot_bars(counts, path: str | os.PathLike, title: str, size=(640, 360)) -> P
     d.text((4, y0), f"{top:.0f}", fill="black")
     d.text((4, y1 - 10), "0", fill="black")
     d.text((x0, y1 + 8), f"{counts.size} bars", fill="black")
-    im.save(path)
+    save_image(im, path)
     return Path(path)
 
 
@@ -143,5 +152,5 @@ def plot_lines(series: dict[str, tuple[list, list]], path, title: str, size=(720
         d.text((4, y), f"{v:.4g}", fill="black")
     d.text((x0, y1 + 8), f"step {xlo:.0f}", fill="black")
     d.text((x1 - 70, y1 + 8), f"step {xhi:.0f}", fill="black")
-    im.save(path)
+    save_image(im, path)
     return Path(path)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data import is_pack, load_array, load_folder, list_images, open_pack, to_uint8
 from ..sampling import Generator, sample
-from ..common.io import atomic_write
+from ..common.io import append_line, atomic_write
 from ..common.ranks import from_main
 from .features import (INCEPTION_NAME, batched_features, batched_features_and_probs, dinov2_extractor,
                        inception_extractor)
@@ -219,8 +219,7 @@ def _evaluate_and_record(trainer) -> dict:
                                 steps=cfg.sample_steps, seed=cfg.seed, sampler=cfg.sampler or None,
                                 progress=False)
     report = {"step": trainer.step, **report}
-    with open(Path(trainer.out) / "eval.jsonl", "a") as fh:
-        fh.write(json.dumps(report) + "\n")
+    append_line(Path(trainer.out) / "eval.jsonl", json.dumps(report))
     best = read_best(trainer.out, extractor.name)
     return {**report, "best": best is None or report["frechet_distance"] < best["frechet_distance"]}
 

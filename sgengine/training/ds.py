@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..common.io import naming_a_full_disk
 from ..common.ranks import DistInfo, barrier
 from .ema import ema_update
 
@@ -164,7 +165,13 @@ def save_engine(engine, out: Path, step: int, info: DistInfo) -> Path:
     if info.main:
         shutil.rmtree(stage, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(stage), tag=DS_TAG, save_latest=False)
+    with naming_a_full_disk(stage):  # torch.save under DeepSpeed loses the errno of a full disk
+        try:
+            engine.save_checkpoint(str(stage), tag=DS_TAG, save_latest=False)
+        except BaseException:
+            if info.main:  # the run stops here: give a full disk its space back
+                shutil.rmtree(stage, ignore_errors=True)
+            raise
     barrier()
     return stage
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..common.io import append_line, atomic_write
 from ..viz import plot_curve, read_jsonl
 
 
@@ -14,13 +15,14 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             self._truncate(resume_step)
         elif resume_step is None:
-            self.path.write_text("")
+            atomic_write(self.path, lambda tmp: tmp.write_text(""))
         self.tb = self._tensorboard(out)
 
     def _truncate(self, step: int) -> None:
         """Drop records written after the checkpoint we resume from: they will be redone."""
         keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        atomic_write(self.path, lambda tmp: tmp.write_text(text))
 
     @staticmethod
     def _tensorboard(out: Path):
@@ -31,8 +33,7 @@ class MetricsLogger:
         return SummaryWriter(str(Path(out) / "tb"))
 
     def log(self, record: dict) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):

@@ -4,7 +4,9 @@ One loop: sample a batch, drop conditions with p_uncond, the objective's loss, A
 warmup, gradient clipping, EMA; logs, sample grids (rows = clusters) and atomic checkpoints.
 Every source of randomness is a seeded generator saved in the checkpoint (or derived from
 the step), so a killed run resumed with ``--resume`` reaches the same weights as an
-uninterrupted one.
+uninterrupted one. Ctrl-C is only noted and acted on between whole steps (interrupt.py): the run
+writes that step's checkpoint and raises Interrupted. One run per ``--out``: the trainer holds its
+run lock (common/runlock.py) on rank 0 from set-up to finish.
 
 Scale-out (see distributed.py for the global batch and the sharding): the loop drives one
 engine object (engines.py): plain in one process, torch DDP under torchrun, or DeepSpeed
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..annotate.io import Annotations, load_annotations
 from ..checkpoint import latest_checkpoint, load_meta, load_state, load_weights, save_checkpoint, step_folders
-from ..common import ranks
+from ..common import ranks, runlock
 from ..config import TrainConfig, check_runnable, from_dict, to_dict
 from ..data import BatchLoader, ImageData, load_data, report_skipped
 from ..device import resolve_device
@@ -34,6 +36,7 @@ from ..viz import save_grid
 from . import distributed as D, ds  # imports no DeepSpeed until a run asks for it
 from .ema import ema_decay
 from .engines import LossWatch, make_engine
+from .interrupt import Interrupted, StopRequest
 from .logger import MetricsLogger
 from .resume import apply_optimiser_settings, config_changes, describe_changes, nonfinite_counts, resume_point
 
@@ -96,6 +99,16 @@ class Trainer:
         self.out, self.device = Path(cfg.out), D.local_device(resolve_device(cfg.device), self.dist)
         D.setup(self.device, self.dist, need_group=cfg.deepspeed)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._locked = self.dist.main  # one run per --out (common/runlock.py); finish() or a failed run() lets go
+        if self._locked:
+            runlock.acquire(self.out, self.log)
+        try:
+            self._prepare(cfg, annotations)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _prepare(self, cfg: TrainConfig, annotations) -> None:
         net_cfg = cfg.uvit if cfg.arch == "uvit" else cfg.model  # the network fixes size and channels
         self.data = load_data(cfg.data, net_cfg.img_size, net_cfg.in_channels, self.dist.main, cfg.data_resize)
         report_skipped(self.data, self.log)
@@ -108,6 +121,7 @@ class Trainer:
         self.loader = BatchLoader(self.data, self.device)  # packs: gathered from the map in the background
         self._build()
         self.resumed_from = self._resume() if cfg.resume else self._fresh()
+        self._saved, self._saved_step = None, None  # the last checkpoint this run wrote
         self.metrics = MetricsLogger(self.out, self.step if self.resumed_from else None) if self.dist.main else None
 
     def _data_to_device(self) -> None:
@@ -266,6 +280,18 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to cfg.steps. Ctrl-C stops at the next step boundary, after that step's checkpoint
+        (interrupt.py), and raises Interrupted; the run lock of --out is let go either way."""
+        try:
+            with StopRequest() as stop:
+                self._loop(stop)
+                return self.finish()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint written stands
+            raise Interrupted(self.step, self._newest(), at_once=True) from None
+        finally:
+            self._unlock()
+
+    def _loop(self, stop: StopRequest) -> None:
         cfg, t0 = self.cfg, time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.dist.main)
         try:
@@ -275,12 +301,18 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     t0 = self._log(t0, bar)
                 self._periodic()
-        except KeyboardInterrupt:
-            self.log(f"interrupted at step {self.step}; checkpoint: {self.checkpoint()}")
-            raise
+                if self.step < cfg.steps and stop.due():
+                    raise Interrupted(self.step, self._saved if self._saved_step == self.step else self.checkpoint())
         finally:
             bar.close()
-        return self.finish()
+
+    def _newest(self) -> Path | None:
+        return latest_checkpoint(self.out) if self.dist.main else None
+
+    def _unlock(self) -> None:
+        if self._locked:
+            self._locked = False
+            runlock.release(self.out)
 
     def _log(self, t0: float, bar) -> float:
         steps, loss = self.watch.n, self._check_loss()
@@ -319,6 +351,7 @@ class Trainer:
                                    self.cfg.keep_checkpoints, extra=lambda tmp: self._extra_files(tmp, stage))
             self.metrics.plot(self.out / "loss.png")
         ranks.barrier()
+        self._saved, self._saved_step = path, self.step
         return path
 
     def _check_finite(self, model) -> None:
@@ -360,5 +393,6 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         ranks.barrier()
+        self._unlock()
         return {"checkpoint": ckpt, "grid": grid, "latest_grid": self.out / "samples.png",
                 "metrics": self.out / "metrics.jsonl", "curve": self.out / "loss.png"}
