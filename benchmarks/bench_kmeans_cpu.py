@@ -61,13 +61,22 @@ def set_threads(n: int) -> None:
 
 def host() -> str:
     """CPU model, torch's BLAS and faiss's BLAS (via threadpoolctl where installed)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
     config = torch.__config__.show()
     mkl = re.search(r"Math Kernel Library Version (\S+?)-", config)
     blas = re.search(r"BLAS_INFO=(\w+)", config)
     torch_blas = f"MKL {mkl.group(1)}" if mkl else (blas.group(1) if blas else "unknown")
-    return f"{cpu}; torch {torch.__version__}: {torch_blas}; faiss: {faiss_blas()}"
+    return f"{cpu_model()}; torch {torch.__version__}: {torch_blas}; faiss: {faiss_blas()}"
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name with family and model (a VM may show only "AMD EPYC")."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def faiss_blas() -> str:
@@ -126,8 +135,8 @@ def test_cpu_assignment(benchmark, provider):
     fn = assigner(provider, x, c)
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
     best = best_seconds(benchmark)
-    benchmark.extra_info.update(device=f"cpu, {THREADS} threads", host=host(), provider=provider, N=n, d=d, K=k, best_s=best,
-                                tflop_per_s=2 * n * k * d / best / 1e12 if best else None)
+    benchmark.extra_info.update(device=f"cpu, {THREADS} threads", host=host(), provider=provider, N=n, d=d, K=k,
+                                best_s=best, tflop_per_s=2 * n * k * d / best / 1e12 if best else None)
 
 
 @pytest.mark.usefixtures("two_threads")
@@ -155,28 +164,32 @@ def interleaved(fns: dict, repeats: int) -> dict:
 
 
 def table(n: int, d: int, k: int, seed: int, args) -> None:
-    """One markdown table: 20-iteration train and assignment alone, ratios to faiss."""
+    """One markdown table: 20-iteration train (and the init alone), assignment alone; ratios to faiss."""
     x, c = make_data(n, d, k, seed)
     names = ("sgengine", "sgengine-torch", "faiss")
-    assign = interleaved({q: assigner(q, x, c) for q in names}, args.repeats)
-    train = interleaved({q: trainer(q, x, k) for q in names}, args.repeats)
-    train["sklearn"] = float("nan")
-    if args.sklearn_repeats:
-        train.update(interleaved({"sklearn": trainer("sklearn", x, k)}, args.sklearn_repeats))
+    rows = [("assignment alone", interleaved({q: assigner(q, x, c) for q in names}, args.repeats), ".4f")]
+    if args.train_repeats:
+        train = interleaved({q: trainer(q, x, k) for q in names}, args.train_repeats)
+        if args.sklearn_repeats:
+            train.update(interleaved({"sklearn": trainer("sklearn", x, k)}, args.sklearn_repeats))
+        init = interleaved({"sgengine": lambda: KMeans(d, k, niter=0, seed=0).train(x)}, args.train_repeats)
+        rows = [(f"full train, {NITER} iterations", train, ".2f"),
+                ("of which greedy k-means++ init", {**init, "faiss": train["faiss"]}, ".2f")] + rows
     print(f"\nN={n}, d={d}, K={k}, data seed {seed}, {THREADS} threads, fastest of {args.repeats} "
-          f"interleaved runs, load average {os.getloadavg()[0]:.1f}\n")
+          f"(train: {args.train_repeats}) interleaved runs, load average {os.getloadavg()[0]:.1f}\n")
     print("| what | sgengine (auto) | sgengine (torch) | faiss | sklearn | auto / faiss | torch / faiss |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for what, t, unit in ((f"full train, {NITER} iterations", train, ".2f"), ("assignment alone", assign, ".3f")):
-        cells = " | ".join(f"{t[q]:{unit}} s" for q in (*names, "sklearn") if q in t)
-        cells += "" if "sklearn" in t else " | -"
-        print(f"| {what} | {cells} | {t['sgengine'] / t['faiss']:.2f}x | {t['sgengine-torch'] / t['faiss']:.2f}x |")
+    for what, t, unit in rows:
+        cells = " | ".join(f"{t[q]:{unit}} s" if q in t else "-" for q in (*names, "sklearn"))
+        torch_ratio = f"{t['sgengine-torch'] / t['faiss']:.2f}x" if "sgengine-torch" in t else "-"
+        print(f"| {what} | {cells} | {t['sgengine'] / t['faiss']:.2f}x | {torch_ratio} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="N=100k, d=128, K=1000 and N=200k, d=64, K=500")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-repeats", type=int, default=3, help="0: assignment only")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="data seeds, one table each")
     p.add_argument("--sklearn-repeats", type=int, default=1, help="sklearn's train is slow: fewer repeats")
     args = p.parse_args()

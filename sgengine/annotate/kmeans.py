@@ -8,8 +8,8 @@ Lloyd's algorithm with these choices:
   BLAS faiss ships for the host, while torch's BLAS varies (MKL on an AMD EPYC: 2.6x faiss's
   time, issue 21). Backend "torch" (and "auto" without faiss) runs
   :func:`~sgengine.annotate.kmeans_torch.assign_blocked`: a blocked ``addmm`` whose cache-sized
-  score block is reduced by ``min`` at once, ||x||^2 computed once per run; memory O(N + K d). Data is assigned in its own dtype: pass bfloat16 features for the
-  fast tensor-core path.
+  score block is reduced by ``min`` at once, ||x||^2 computed once per run; memory O(N + K d).
+  Data is assigned in its own dtype: pass bfloat16 features for the fast tensor-core path.
 * Update, deterministic: on CUDA, per chunk, ids are sorted (stable), rows gathered in that order
   as fp32, and summed with ``torch.segment_reduce`` in two levels (pieces of at most 64 rows,
   then the pieces of each cluster), a fixed order with no float atomics, so the same input gives
@@ -46,7 +46,8 @@ from tqdm import tqdm
 from ..common.ranks import world_size
 from ..kernels import kmeans_assign, resolve_backend
 
-from .kmeans_torch import assign_blocked, check_finite, greedy_kmeanspp, index_sums, local_trials, sq_norms
+from .kmeans_torch import (assign_blocked, check_finite, greedy_kmeanspp, index_sums, local_trials,
+                           sq_norms)
 
 BACKENDS = ("auto", "triton", "torch", "faiss")
 _PIECE_ROWS = 64  # first-level segment length: bounds the serial work of one sum
