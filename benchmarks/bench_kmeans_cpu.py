@@ -189,13 +189,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="N=100k, d=128, K=1000 and N=200k, d=64, K=500")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shape", type=int, nargs=3, metavar=("N", "d", "K"), help="one size instead")
     p.add_argument("--train-repeats", type=int, default=3, help="0: assignment only")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="data seeds, one table each")
     p.add_argument("--sklearn-repeats", type=int, default=1, help="sklearn's train is slow: fewer repeats")
     args = p.parse_args()
     set_threads(THREADS)
     print(f"host: {host()}")
-    for n, d, k in (FULL, SECOND) if args.full else (SMOKE,):
+    shapes = [tuple(args.shape)] if args.shape else [FULL, SECOND] if args.full else [SMOKE]
+    for n, d, k in shapes:
         for seed in args.seeds:
             table(n, d, k, seed, args)
 

@@ -17,13 +17,17 @@ Lloyd's algorithm with these choices:
   deterministic, 6x faster than the sort). Partial sums are accumulated in float64.
 * Init: greedy k-means++ (2007, Sec. 5; scikit-learn's variant) with 3 (2 + ln K)
   D^2-sampled candidates a step, the one that lowers the potential most kept, on a random sample
-  of min(N, max(8192, 16 K)) rows. The candidate count, not the sample, decides whether every
+  of min(N, max(8192, 8 K)) rows. The candidate count, not the sample, decides whether every
   separated blob gets a centroid: on 50 blobs (N=20k, d=64, 100 seeds) sklearn's 2 + ln K = 5
   covers all 50 in 80 seeds on every row; 15 candidates in 98 on every row, 100 on 8192 rows,
   99 on 3200. A miss costs ~1.45x the inertia and Lloyd never repairs it. Each step reads the
   sample once, an (m, d) x (d, trials) GEMM, so the init costs 2 m d K trials FLOPs: at N=1M,
-  K=10k, d=128 (m = 160k, 33 trials) 13.5 TFLOPs, half of sklearn's init on all rows with 11
-  trials and a sixth of 30 Lloyd iterations (77 TFLOPs).
+  K=10k, d=128 (m = 80k, 33 trials) 6.8 TFLOPs, a quarter of sklearn's init on all rows with
+  11 trials, a tenth of 30 Lloyd iterations (77 TFLOPs); 30 of its steps timed on one busy CPU
+  core: 170 ms each (4 GFLOP/s), 28 min for all 10k; a GPU at ~50 TFLOP/s fp32 needs ~0.1 ms a
+  step (estimate, launch-bound), ~1 s. More rows a cluster buy little
+  coverage for their cost: at N=100k, d=128, K=1000 the init on 16 K rows took 0.30x faiss's
+  whole 20-iteration train, on 8 K rows 0.11x (2 cores busy with other jobs, 2026-12-04).
   All randomness comes from a CPU ``torch.Generator`` seeded with ``seed`` (uniforms are drawn
   up front and D^2 sampling uses inverse-CDF ``searchsorted``, so there is no per-step host sync).
 * Empty clusters are re-seeded with the points farthest from their centroid (ties: lowest global
@@ -51,7 +55,7 @@ from .kmeans_torch import (assign_blocked, check_finite, greedy_kmeanspp, index_
 
 BACKENDS = ("auto", "triton", "torch", "faiss")
 _PIECE_ROWS = 64  # first-level segment length: bounds the serial work of one sum
-_INIT_ROWS_PER_CLUSTER = 16  # greedy k-means++ sample: min(N, max(8192, 16 K)) rows
+_INIT_ROWS_PER_CLUSTER = 8  # greedy k-means++ sample: min(N, max(8192, 8 K)) rows
 _INIT_MIN_ROWS = 8192
 
 
