@@ -3,20 +3,31 @@
 Lloyd's algorithm with these choices:
 
 * Assignment: on CUDA (backend "auto" / "triton") :func:`sgengine.kernels.kmeans.kmeans_assign`
-  per chunk of rows, a fused GEMM + running argmin that never writes N x K. Backend "torch" (and
-  "auto" on the CPU) runs :func:`~sgengine.annotate.kmeans_torch.assign_blocked`: a blocked
-  ``addmm`` whose cache-sized score block is reduced by ``min`` at once, ||x||^2 computed once
-  per run; memory O(N + K d). Data is assigned in its own dtype: pass bfloat16 features for the
-  fast tensor-core path.
+  per chunk of rows, a fused GEMM + running argmin that never writes N x K. Backend "auto" on
+  the CPU uses faiss's ``IndexFlatL2.search`` where faiss is installed: its speed rests on the
+  BLAS faiss ships for the host, while torch's BLAS varies (MKL on an AMD EPYC: 2.6x faiss's
+  time, issue 21). Backend "torch" (and "auto" without faiss) runs
+  :func:`~sgengine.annotate.kmeans_torch.assign_blocked`: a blocked ``addmm`` whose cache-sized
+  score block is reduced by ``min`` at once, ||x||^2 computed once per run; memory O(N + K d).
+  Data is assigned in its own dtype: pass bfloat16 features for the fast tensor-core path.
 * Update, deterministic: on CUDA, per chunk, ids are sorted (stable), rows gathered in that order
   as fp32, and summed with ``torch.segment_reduce`` in two levels (pieces of at most 64 rows,
   then the pieces of each cluster), a fixed order with no float atomics, so the same input gives
   the same centroids bit for bit. On the CPU ``index_add_`` adds rows in index order (also
   deterministic, 6x faster than the sort). Partial sums are accumulated in float64.
-* Init: greedy k-means++ as scikit-learn (2 + ln K D^2-sampled candidates a step, the one that
-  lowers the potential most is kept) on a random sample of min(N, max(4096, 4 K)) rows: each
-  step reads the whole sample, so K steps cost O(m K d); with m = 16 K the init alone took half
-  of faiss's whole 20-iteration train at N=100k, K=1000 (sklearn runs it on all N: 40 s).
+* Init: greedy k-means++ (2007, Sec. 5; scikit-learn's variant) with 3 (2 + ln K)
+  D^2-sampled candidates a step, the one that lowers the potential most kept, on a random sample
+  of min(N, max(8192, 8 K)) rows. The candidate count, not the sample, decides whether every
+  separated blob gets a centroid: on 50 blobs (N=20k, d=64, 100 seeds) sklearn's 2 + ln K = 5
+  covers all 50 in 80 seeds on every row; 15 candidates in 98 on every row, 100 on 8192 rows,
+  99 on 3200. A miss costs ~1.45x the inertia and Lloyd never repairs it. Each step reads the
+  sample once, an (m, d) x (d, trials) GEMM, so the init costs 2 m d K trials FLOPs: at N=1M,
+  K=10k, d=128 (m = 80k, 33 trials) 6.8 TFLOPs, a quarter of sklearn's init on all rows with
+  11 trials, a tenth of 30 Lloyd iterations (77 TFLOPs); 30 of its steps timed on one busy CPU
+  core: 170 ms each (4 GFLOP/s), 28 min for all 10k; a GPU at ~50 TFLOP/s fp32 needs ~0.1 ms a
+  step (estimate, launch-bound), ~1 s. More rows a cluster buy little
+  coverage for their cost: at N=100k, d=128, K=1000 the init on 16 K rows took 0.30x faiss's
+  whole 20-iteration train, on 8 K rows 0.11x (2 cores busy with other jobs, 2026-12-04).
   All randomness comes from a CPU ``torch.Generator`` seeded with ``seed`` (uniforms are drawn
   up front and D^2 sampling uses inverse-CDF ``searchsorted``, so there is no per-step host sync).
 * Empty clusters are re-seeded with the points farthest from their centroid (ties: lowest global
@@ -39,12 +50,13 @@ from tqdm import tqdm
 from ..common.ranks import world_size
 from ..kernels import kmeans_assign, resolve_backend
 
-from .kmeans_torch import assign_blocked, greedy_kmeanspp, index_sums, local_trials, sq_norms
+from .kmeans_torch import (assign_blocked, check_finite, greedy_kmeanspp, index_sums, local_trials,
+                           sq_norms)
 
 BACKENDS = ("auto", "triton", "torch", "faiss")
 _PIECE_ROWS = 64  # first-level segment length: bounds the serial work of one sum
-_INIT_ROWS_PER_CLUSTER = 4  # greedy k-means++ sample: max(4096, 4 K) rows
-_INIT_MIN_ROWS = 4096
+_INIT_ROWS_PER_CLUSTER = 8  # greedy k-means++ sample: min(N, max(8192, 8 K)) rows
+_INIT_MIN_ROWS = 8192
 
 
 class _Group:
@@ -147,8 +159,10 @@ class KMeans:
         d: feature size. k: number of clusters. niter: Lloyd iterations (SPEC: 30).
         spherical: L2-normalise the data and the centroids (centroids come back unit norm).
         seed: seeds the CPU generator behind the k-means++ init (same seed, same centroids).
-        backend: "auto" | "triton" | "torch" for the assignment kernel, or "faiss" (training
-            only, single process, needs ``pip install faiss-cpu``; faiss's own random init).
+        backend: "auto" | "triton" | "torch" for the assignment, or "faiss" (training only,
+            single process, needs ``pip install faiss-cpu``; faiss's own random init). "auto":
+            Triton on CUDA; on the CPU faiss's ``IndexFlatL2.search`` where faiss is installed
+            (as fast as faiss on every host), else the blocked torch path ("torch").
         chunk_size: rows per Triton assignment call / CUDA update step; None picks ~1 GB of
             per-chunk temporaries (rows x d fp32). The torch path blocks by cache size itself.
         verbose: show a tqdm progress bar with the objective (rank 0 only).
@@ -188,7 +202,7 @@ class KMeans:
         if self.backend == "faiss":
             return self._train_faiss(x, group)
         self.centroids, self.train_rows = self._init(x, group), group.n_total
-        x_sq = sq_norms(x) if self._torch_path(x) else None  # ||x||^2 once per run
+        x_sq = sq_norms(x) if self._assign_path(x) == "torch" else None  # ||x||^2 once per run
         objective = []
         bar = tqdm(range(self.niter), desc=f"k-means K={self.k}",
                    disable=not self.verbose or group.rank != 0)
@@ -254,11 +268,18 @@ class KMeans:
     def _assign_backend(self) -> str:
         return "auto" if self.backend == "faiss" else self.backend
 
-    def _torch_path(self, x: torch.Tensor) -> bool:
-        return resolve_backend(self._assign_backend(), x) == "torch"
+    def _assign_path(self, x: torch.Tensor) -> str:
+        """"kernel" (Triton), "torch" (blocked addmm) or "faiss" (CPU, backend "auto", faiss found)."""
+        backend = self._assign_backend()
+        if resolve_backend(backend, x) != "torch":
+            return "kernel"
+        return "faiss" if backend == "auto" and _faiss() is not None else "torch"
 
     def _assign_chunks(self, x: torch.Tensor, x_sq: torch.Tensor | None = None):
-        if self._torch_path(x):
+        path = self._assign_path(x)
+        if path == "faiss":
+            return _assign_faiss(_faiss(), x, self.centroids)
+        if path == "torch":
             return assign_blocked(x, self.centroids, x_sq)
         step, c, backend = self._chunk_rows(x), self.centroids, self._assign_backend()
         if x.shape[0] <= step:
@@ -322,6 +343,34 @@ class KMeans:
         self.train_rows = min(x.shape[0], self.k * per)
         self.objective = [float(o) / self.train_rows for o in km.obj]  # faiss: sums over its rows
         return self
+
+
+def _faiss():
+    """The faiss module, or None where it is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _assign_faiss(faiss, x: torch.Tensor, centroids: torch.Tensor):
+    """Nearest centroid ids (N,) int64 and sq_dist (N,) float32 by ``IndexFlatL2.search``.
+
+    Backend "auto" on the CPU: faiss's exhaustive search (a BLAS GEMM per 4096 x 1024 block,
+    top-1 by strict ``<``, so ties go to the lowest k as in the torch path) runs on the BLAS faiss
+    ships for the host, so assignment keeps pace with faiss whatever BLAS torch brings (issue
+    21: on an AMD EPYC with torch's MKL the blocked addmm took 2.6x faiss's time). Centroids are
+    cast to x's dtype first, as in every path; faiss uses torch's thread count."""
+    c = centroids.to(x.dtype).float().contiguous()
+    check_finite(c)  # a NaN centroid never wins faiss's strict < : it would go unnoticed
+    index = faiss.IndexFlatL2(c.shape[1])
+    index.add(c.numpy())
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    sq_dist, ids = index.search(x.detach().float().contiguous().numpy(), 1)
+    sq_dist, ids = torch.from_numpy(sq_dist[:, 0]).clamp_min_(0.0), torch.from_numpy(ids[:, 0]).long()
+    check_finite(sq_dist.masked_fill(ids < 0, float("inf")))  # a NaN row: id -1, FLT_MAX
+    return ids, sq_dist
 
 
 def kmeans(x: torch.Tensor, k: int, **kw):

@@ -8,9 +8,9 @@ sums on the CPU, and greedy k-means++.
   constant per row, so it only enters sq_dist, never the argmin). Memory: O(N + K d).
 * :func:`index_sums` sums rows per cluster with ``index_add_`` (CPU: rows are added in index
   order, so the sums are deterministic) in float32 blocks accumulated in float64.
-* :func:`greedy_kmeanspp` is scikit-learn's greedy k-means++ (Arthur and Vassilvitskii 2007,
-  Sec. 5): each step draws 2 + ln K candidates by D^2 sampling and keeps the one that lowers
-  the potential sum_j min_c ||x_j - c||^2 most.
+* :func:`greedy_kmeanspp` is greedy k-means++ (Arthur and Vassilvitskii 2007, Sec. 5, as
+  scikit-learn): each step draws :func:`local_trials` candidates by D^2 sampling and keeps the
+  one that lowers the potential sum_j min_c ||x_j - c||^2 most.
 """
 from __future__ import annotations
 
@@ -53,10 +53,15 @@ def assign_blocked(x: torch.Tensor, centroids: torch.Tensor, x_sq: torch.Tensor 
         torch.addmm(c_sq, rows, c_t, beta=1, alpha=-2, out=block)
         torch.min(block, 1, out=(best[i:i + step], ids[i:i + step]))  # first minimum: lowest k
     sq_dist = best.add_(x_sq).clamp_min_(0.0)
-    if not bool(torch.isfinite(sq_dist).all()):
+    check_finite(sq_dist)
+    return ids, sq_dist
+
+
+def check_finite(values: torch.Tensor) -> None:
+    """Raise, naming the fix, unless ``values`` (distances, centroids) are all finite."""
+    if not bool(torch.isfinite(values).all()):
         raise ValueError("k-means assignment met NaN or Inf in x or the centroids: drop or impute "
                          "those rows first, e.g. x = x[torch.isfinite(x).all(dim=1)]")
-    return ids, sq_dist
 
 
 def index_sums(rows: torch.Tensor, ids: torch.Tensor, k: int):
@@ -75,8 +80,12 @@ def _index_sums(rows: torch.Tensor, ids: torch.Tensor, k: int):
 
 
 def local_trials(k: int) -> int:
-    """Candidates per greedy k-means++ step: 2 + floor(ln K), as scikit-learn."""
-    return 2 + int(math.log(k))
+    """Candidates per greedy k-means++ step: 3 (2 + floor(ln K)), three times scikit-learn's.
+
+    A step misses every uncovered cluster only if all its candidates land in covered ones:
+    probability (1 - q)^trials for an uncovered share q of the potential, so tripling the
+    trials cubes it (50 blobs: 80 -> 98-100 of 100 seeds cover all; see kmeans.py)."""
+    return 3 * (2 + int(math.log(k)))
 
 
 def greedy_kmeanspp(sample: torch.Tensor, u_first: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
