@@ -1,6 +1,6 @@
 """The TEMI cluster-count bound (C-EDM section 3.3) on 8 separated blobs, six settings (issue 21).
 
-    python benchmarks/bench_temi_bound.py [--n-per 50 100 200] [--dims 16 32] [--epochs 50] [--threads 2]
+    python benchmarks/bench_temi_bound.py [--n_per 50 100 200] [--dims 16 32] [--epochs 50] [--threads 2]
 
 Each setting: 8 Gaussian blobs of ``n_per`` points in d dimensions, centres N(0, 8^2 I) (every point's
 50 cosine nearest neighbours lie in its own blob), ``cluster_count_bound`` with ``TEMIConfig()``,
@@ -60,7 +60,7 @@ def table(results: list[dict], epochs: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-per", type=int, nargs="+", default=[50, 100, 200])
+    p.add_argument("--n_per", type=int, nargs="+", default=[50, 100, 200])
     p.add_argument("--dims", type=int, nargs="+", default=[16, 32])
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
