@@ -15,7 +15,7 @@ import torch
 
 from .data import read_image
 from .data.latents import to_images
-from .device import resolve_device
+from .device import device_flag, resolve_device
 from .guidance.attach import list_attention_layers
 from .sampling import generator_at, grid_clusters, sample
 from .checkpoint import load_meta, resolve_checkpoint
@@ -39,7 +39,7 @@ def build_parser() -> FlagParser:
               help="online self-guidance runs: prototype ids, one grid row each (default: the most used)")
     p.add_argument("--like", default=None, help="online runs: condition on the prototype of this exemplar image")
     add_typed(p, "--seed", int, default=0)
-    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    p.add_argument("--device", default="auto", type=device_flag, help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     p.add_argument("--out", default="samples.png", help="PNG grid; the raw samples go to the same name .npz")
     g = p.add_argument_group("self-attention guidance (Hong et al.; SPEC section 4)")
     add_typed(g, "--sag_scale", float, default=0.0, help="SAG scale s (0 = off; ~0.1-1.0)")

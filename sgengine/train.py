@@ -18,7 +18,7 @@ from .common.paths import check_writable
 from .common.ranks import dist_info, world_size
 from .config import TrainConfig, parse_args
 from .data import load_data
-from .training.trainer import SELF_LABELS_FILE, NonFiniteLoss, Trainer
+from .training.trainer import SELF_LABELS_FILE, NonFiniteLoss, Trainer, resolve_model
 
 
 def _trainer_class(cfg):
@@ -54,8 +54,9 @@ def self_labels(cfg: TrainConfig, log=print) -> Path | None:
     from .annotate.io import save_annotations
     from .annotate.labels import pixel_self_labels
 
-    net = cfg.uvit if cfg.arch == "uvit" else cfg.model
-    data = load_data(cfg.data, net.img_size, net.in_channels)
+    net = cfg.network
+    data = load_data(cfg.data, net.img_size, net.in_channels, resize=cfg.data_resize)
+    resolve_model(cfg, None, data)  # data the network cannot take is refused before k-means, not after
     save_annotations(path, pixel_self_labels(data.images, cfg.k, cfg.pca_dim, cfg.seed, cfg.data))
     features = f"PCA-{cfg.pca_dim} of pixels" if cfg.pca_dim else "pixels"
     log(f"self-labels: k-means (K={cfg.k}) on {features} of {len(data)} images -> {path}")

@@ -22,7 +22,7 @@ import torch
 from ..common.flags import Count, FlagParser, Fraction, Positive, add_typed
 from ..common.paths import check_writable
 from ..data import ImageData, load_data, report_skipped
-from ..device import resolve_device
+from ..device import device_flag, resolve_device
 from ..eval.cluster import cluster_report, format_report
 from .io import Annotations, save_annotations
 
@@ -69,7 +69,7 @@ def build_parser() -> FlagParser:
     add_typed(p, "--lost_k", Count, default=100, help="LOST expansion set size")
     add_typed(p, "--batch_size", Count, default=64, help="feature extraction batch size")
     p.add_argument("--cache", default="auto", help="feature cache folder ('auto': next to --out; 'none': off)")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    p.add_argument("--device", default="auto", type=device_flag, help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     add_typed(p, "--seed", int, default=0,
               help="seeds k-means, TEMI, STEGO and a --weights random ViT (part of the feature-cache key)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

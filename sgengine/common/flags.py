@@ -28,19 +28,24 @@ from typing import Annotated, Literal, Union
 
 @dataclass(frozen=True)
 class Range:
-    """An interval a numeric field must lie in; any bound may be open, closed or absent."""
+    """An interval a numeric field must lie in; any bound may be open, closed or absent. ``finite``
+    also refuses +-inf (a learning rate of inf passes ``> 0`` but trains nothing)."""
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
+    finite: bool = False
 
     def holds(self, v) -> bool:
-        if v != v:  # NaN lies in no interval
+        if v != v or (self.finite and v in (float("inf"), float("-inf"))):  # NaN lies in no interval
             return False
         return not ((self.ge is not None and v < self.ge) or (self.gt is not None and v <= self.gt)
                     or (self.le is not None and v > self.le) or (self.lt is not None and v >= self.lt))
 
     def __str__(self) -> str:
+        return self._interval() + (" and finite" if self.finite else "")
+
+    def _interval(self) -> str:
         lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
         hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
         if lo and hi:
@@ -51,8 +56,8 @@ class Range:
 
 Count = Annotated[int, Range(ge=1)]  # steps, batch sizes, clusters
 NonNegInt = Annotated[int, Range(ge=0)]  # 0 switches a feature off
-Positive = Annotated[float, Range(gt=0)]
-NonNeg = Annotated[float, Range(ge=0)]
+Positive = Annotated[float, Range(gt=0, finite=True)]
+NonNeg = Annotated[float, Range(ge=0, finite=True)]
 Fraction = Annotated[float, Range(ge=0, lt=1)]  # probabilities that must leave room, EMA decays
 Unit = Annotated[float, Range(ge=0, le=1)]
 

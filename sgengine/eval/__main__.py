@@ -13,7 +13,7 @@ from typing import Literal
 
 from ..common.flags import Count, FlagParser, add_typed
 from ..common.paths import check_writable
-from ..device import resolve_device
+from ..device import device_flag
 from .runner import evaluate_images, feature_network, load_images, reference
 
 
@@ -28,7 +28,7 @@ def eval_parser() -> FlagParser:
                    help="inception (default) | dinov2:FILE (FD_DINOv2) | classifier:FILE (not Inception)")
     p.add_argument("--inception_weights", help="local Inception file (else $SGENGINE_INCEPTION_WEIGHTS)")
     add_typed(p, "--batch_size", Count, default=250, help="images per feature-network forward")
-    p.add_argument("--device", default="auto", type=resolve_device, help="'auto': CUDA when available")
+    p.add_argument("--device", default="auto", type=device_flag, help="'auto': CUDA when available")
     p.add_argument("--out", help="write the report as JSON here")
     return p
 
@@ -47,7 +47,7 @@ def train_parser() -> FlagParser:
     add_typed(p, "--width", Count, default=32, help="channels of the first ResNet stage")
     add_typed(p, "--batch_size", Count, default=128, help="training batch size")
     add_typed(p, "--seed", int, default=0)
-    p.add_argument("--device", default="auto", type=resolve_device, help="'auto': CUDA when available")
+    p.add_argument("--device", default="auto", type=device_flag, help="'auto': CUDA when available")
     return p
 
 
