@@ -43,9 +43,6 @@ class Range:
                     or (self.le is not None and v > self.le) or (self.lt is not None and v >= self.lt))
 
     def __str__(self) -> str:
-        return self._interval() + (" and finite" if self.finite else "")
-
-    def _interval(self) -> str:
         lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
         hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
         if lo and hi:
@@ -160,7 +157,8 @@ def check(value, hint, key: str):
         raise ConfigError(key, f"expects {k.base.__name__}, got {type(value).__name__} {value!r}")
     for r in k.ranges:
         if not r.holds(value):
-            raise ConfigError(key, f"must be {r}, got {value!r}")
+            what = "finite" if r.finite and value in (float("inf"), float("-inf")) else r
+            raise ConfigError(key, f"must be {what}, got {value!r}")
     return value
 
 
@@ -232,7 +230,8 @@ def metavar(hint) -> str:
         text = "{" + ",".join("''" if c == "" else str(c.value if isinstance(c, enum.Enum) else c) for c in k.choices) + "}"
     elif typing.get_origin(k.base) is tuple:
         args = typing.get_args(k.base)
-        text = f"{args[0].__name__.upper()},..." if args[-1] is Ellipsis else ",".join(a.__name__.upper() for a in args)
+        names = [kind_of(a).base.__name__.upper() for a in args if a is not Ellipsis]
+        text = f"{names[0]},..." if args[-1] is Ellipsis else ",".join(names)
     else:
         text = getattr(k.base, "__name__", str(k.base)).upper()
     return text + ("|none" if k.optional else "")
