@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .common.flags import error_line
 from .common.paths import check_writable
 from .common.ranks import dist_info, world_size
 from .config import TrainConfig, parse_args
@@ -37,6 +38,9 @@ def check_outputs(cfg: TrainConfig) -> None:
     check_writable(out, "--out", fix)
     for sub in ("ckpt", "samples"):
         check_writable(out / sub, f"--out's {sub}/ folder", fix)
+    files = ["loss.png", "samples.png", "metrics.jsonl", "ckpt/latest"] + ["cluster_usage.png"] * cfg.online.enabled
+    for name in files:  # a folder in a file's place would fail at the first checkpoint or at the end
+        check_writable(out / name, "--out's file", f"{fix}, or move that folder away", folder=False)
     if cfg.condition == "self-labels":
         check_writable(out / SELF_LABELS_FILE, "the self-label file", fix, folder=False)
 
@@ -77,10 +81,10 @@ def main(argv=None) -> int:
     try:
         trainer, out = train(cfg)
     except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 3
     except (ValueError, OSError, KeyError, ImportError) as err:  # OSError: missing, existing, unwritable files
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
     if not trainer.dist.main:
         return 0

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from ..common.flags import Count, FlagParser, Fraction, Positive, add_typed
+from ..common.flags import Count, FlagParser, Fraction, Positive, add_typed, error_line
 from ..common.paths import check_writable
 from ..data import ImageData, load_data, report_skipped
 from ..device import device_flag, resolve_device
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         check_outputs(args)
         ann, report = run(args)
     except (ValueError, OSError, KeyError, RuntimeError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
     lay = "" if ann.layout is None else f", layout {tuple(ann.layout.shape[1:])}"
     print(f"{args.method}: {len(ann)} images, K={ann.k}{lay}: {format_report(report)}")

@@ -130,7 +130,7 @@ class ViTExtractor(nn.Module):
         try:
             import timm
         except ImportError as err:
-            raise ImportError("ViT features need timm: pip install sgengine[timm]") from err
+            raise ImportError("ViT features need timm: pip install timm (or pip install sgengine[timm])") from err
         kw = dict(kwargs, num_classes=0, **({"img_size": img_size} if img_size else {}))
         if weights is None:
             try:

@@ -329,3 +329,16 @@ def collect(namespace: argparse.Namespace, keys) -> dict:
     """The flags the user gave, as {dotted key: string}."""
     args = vars(namespace)
     return {k: args[k] for k in keys if args.get(k) is not None}
+
+
+def error_line(err: BaseException) -> str:
+    """The one line every CLI prints for a refused input: ``error: <message>`` (exit 2). A KeyError's
+    message without its repr quotes, an OSError as 'path: reason' (not '[Errno 2] ...' or a bare '2'),
+    any line breaks folded, so the output stays one line."""
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    elif isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    return "error: " + " ".join(text.split())

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Literal
 
-from ..common.flags import Count, FlagParser, NonNegInt, Positive, add_typed
+from ..common.flags import Count, FlagParser, NonNegInt, Positive, add_typed, error_line
 from ..device import device_flag
 
 
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
             from .latents import encode
             encode(args.pack, args.out, args.vae, args.batch_size, args.device, args.scaling_factor,
                    progress=not args.quiet, posterior=args.posterior)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, RuntimeError, FloatingPointError, ImportError) as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     return 0
 

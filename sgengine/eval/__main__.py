@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from ..common.flags import Count, FlagParser, add_typed
+from ..common.flags import Count, FlagParser, add_typed, error_line
 from ..common.paths import check_writable
 from ..device import device_flag
 from .runner import evaluate_images, feature_network, load_images, reference
@@ -54,8 +54,14 @@ def train_parser() -> FlagParser:
 def run_eval(args: argparse.Namespace) -> dict:
     extractor = feature_network(args.features, args.device, args.inception_weights)
     ref = reference(args.ref, extractor, args.batch_size, args.device)
-    report = evaluate_images(load_images(args.samples), ref, extractor, args.batch_size, args.device)
-    report = {**report, "samples": str(args.samples), "ref": str(args.ref)}
+    samples = load_images(args.samples)
+    report = evaluate_images(samples.images, ref, extractor, args.batch_size, args.device)
+    skipped = {"samples": [list(s) for s in samples.skipped], "ref": [list(s) for s in ref.skipped]}
+    for flag, files in skipped.items():
+        if files:  # reported, not fatal: the metric is over the readable images (n says how many)
+            print(f"note: --{flag} {getattr(args, flag)}: skipped {len(files)} unreadable file(s), left out of the "
+                  f"metrics: {'; '.join(f'{f} ({why})' for f, why in files)}", file=sys.stderr)
+    report = {**report, "samples": str(args.samples), "ref": str(args.ref), "skipped": skipped}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -84,10 +90,10 @@ def main(argv=None) -> int:
             return 0
         report = run_eval(args)
     except FileNotFoundError as err:
-        print(f"error: {_missing(err, args)}", file=sys.stderr)
+        print(error_line(FileNotFoundError(_missing(err, args))), file=sys.stderr)
         return 2
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, ImportError) as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1))
     return 0
