@@ -102,7 +102,10 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
 def test_non_finite_weights_are_never_saved_and_resume_takes_a_lower_lr(two_steps, tmp_path):
     out = _copy(two_steps, tmp_path)
     good = _snapshot(out / "ckpt" / "step_00000004")
-    tr = Trainer(_cfg(out, steps=8, ckpt_every=1, lr=1e39, resume=True), log=lambda *a: None)  # finite, but inf in float32
+    tr = Trainer(_cfg(out, steps=8, ckpt_every=1, resume=True), log=lambda *a: None)
+    tr.sched.base_lrs = [float("inf")] * len(tr.opt.param_groups)  # --lr inf itself is refused up front
+    for group in tr.opt.param_groups:
+        group["lr"] = float("inf")
     with pytest.raises(NonFiniteLoss) as err:
         tr.run()
     msg = str(err.value)
@@ -112,7 +115,7 @@ def test_non_finite_weights_are_never_saved_and_resume_takes_a_lower_lr(two_step
     assert latest_checkpoint(out).name == "step_00000004" and _snapshot(out / "ckpt" / "step_00000004") == good
     logs = []
     tr = Trainer(_cfg(out, steps=6, lr=1e-3, warmup=2, ema_max=0.99, resume=True), log=logs.append)
-    assert "--resume: optimiser settings changed: ema_max 0.9999 -> 0.99, lr 1e+39 -> 0.001, warmup 5 -> 2" not in logs
+    assert "--resume: optimiser settings changed: ema_max 0.9999 -> 0.99, lr inf -> 0.001, warmup 5 -> 2" not in logs
     assert "--resume: optimiser settings changed: ema_max 0.9999 -> 0.99, lr 0.002 -> 0.001, warmup 5 -> 2" in logs
     assert [g["lr"] for g in tr.opt.param_groups] == [1e-3]  # warmup over: the new base lr
     tr.run()

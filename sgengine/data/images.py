@@ -179,7 +179,9 @@ def load_data(spec: str, size: int, channels: int = 3, progress: bool = True, re
         return load_folder(path, size, channels, progress)
     if path.suffix in (".npz", ".npy") and path.is_file():
         return load_array(path, size, resize)
-    raise FileNotFoundError(f"--data {spec!r} is neither 'digits', a pack, an image folder, nor an .npz/.npy file")
+    tar = " (.tar shards train once packed: python -m sgengine.data pack SHARDS OUT --size N)" \
+        if str(spec).endswith(".tar") else ""
+    raise FileNotFoundError(f"--data {spec!r} is neither 'digits', a pack, an image folder, nor an .npz/.npy file{tar}")
 
 
 def report_skipped(data: ImageData, log=print) -> None:

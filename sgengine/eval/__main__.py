@@ -52,9 +52,13 @@ def train_parser() -> FlagParser:
 
 
 def run_eval(args: argparse.Namespace) -> dict:
+    for flag in ("samples", "ref"):  # before the feature network loads and the reference is read
+        if not Path(getattr(args, flag)).exists():
+            raise FileNotFoundError(f"--{flag} {getattr(args, flag)} does not exist: pass a folder of images, a pack, "
+                                    "or an .npz/.npy array" + (" or statistics file" if flag == "ref" else ""))
+    samples = load_images(args.samples)  # read first: a damaged file fails before any feature is computed
     extractor = feature_network(args.features, args.device, args.inception_weights)
     ref = reference(args.ref, extractor, args.batch_size, args.device)
-    samples = load_images(args.samples)
     report = evaluate_images(samples.images, ref, extractor, args.batch_size, args.device)
     skipped = {"samples": [list(s) for s in samples.skipped], "ref": [list(s) for s in ref.skipped]}
     for flag, files in skipped.items():
