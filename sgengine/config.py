@@ -147,7 +147,8 @@ def check_runnable(cfg: TrainConfig) -> None:
 def _check_condition(cfg: TrainConfig) -> None:
     make = "make one with `python -m sgengine.annotate --data DIR --out FILE`"
     if cfg.condition == "annotations" and not cfg.annotations:
-        raise ConfigError("annotations", f"must name a file: preset {cfg.preset!r} trains on an annotation file ({make})")
+        raise ConfigError("annotations", f"must name a file: preset {cfg.preset!r} trains on an annotation file "
+                          f"({make})")
     if cfg.annotations and cfg.condition != "annotations":
         raise ConfigError("annotations", f"is read only with --condition annotations, and the condition is "
                           f"{cfg.condition!r}: add --condition annotations, or drop --annotations")

@@ -72,8 +72,8 @@ class CompareConfig:
         except ValueError as err:
             raise ConfigError("methods", f"is refused: {err}") from None
         if any(m.features == "diffusion" for m in methods) and "none" not in self.methods:
-            raise ConfigError("methods", "self-labeled:diffusion clusters the unconditional model's features: put 'none' in "
-                             "--methods (it trains first) or name a run, self-labeled:diffusion:RUN_DIR")
+            raise ConfigError("methods", "self-labeled:diffusion clusters the unconditional model's features: put "
+                              "'none' in --methods (it trains first) or name a run, self-labeled:diffusion:RUN_DIR")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("methods", f"lists a method twice: {','.join(self.methods)}")
 

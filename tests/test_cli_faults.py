@@ -124,7 +124,8 @@ ROWS = [
     ("train", T + ["--zero_stage", "2"], "--zero_stage applies only under DeepSpeed"),
     ("train", T + ["--ds_config", "x.json"], "--ds_config applies only under DeepSpeed"),
     ("train", T + ["--annotations", "nope.safetensors"], "--annotations is read only with --condition annotations"),
-    ("train", T + ["--condition", "annotations", "--annotations", "nope.safetensors"], "nope.safetensors is not a file"),
+    ("train", T + ["--condition", "annotations", "--annotations", "nope.safetensors"],
+     "nope.safetensors is not a file"),
     ("train", T + ["--steps", "0"], "--steps must be >= 1"),
     ("train", T + ["--batch_size", "-1"], "--batch_size must be >= 1"),
     ("train", T + ["--k", "0"], "--k must be >= 1"),
@@ -150,7 +151,8 @@ ROWS = [
     ("annotate", ["--data", "digits", "--k", "0", "--out", "{out}/a.safetensors"], "--k must be >= 1"),
     ("annotate", ["--data", "digits", "--k", "4", "--device", "gpu", "--out", "{out}/a.safetensors"], "--device 'gpu'"),
     ("annotate", ["--data", "nope_dir", "--k", "4", "--out", "{out}/a.safetensors"], "--data 'nope_dir' is neither"),
-    ("annotate", ["--data", "{f:trunc_npz}", "--k", "4", "--out", "{out}/a.safetensors"], "a truncated or partial copy"),
+    ("annotate", ["--data", "{f:trunc_npz}", "--k", "4", "--out", "{out}/a.safetensors"],
+     "a truncated or partial copy"),
     ("annotate", ["--data", "{f:wrong_key}", "--k", "1", "--out", "{out}/a.safetensors"], "put the images under 'x'"),
     ("annotate", ["--data", "digits", "--k", "4", "--out", "{f:a_file}/a.safetensors"], "is a file, not a folder"),
     ("annotate", ["--data", "digits", "--size", "8", "--k", "4", "--crf", "--out", "{out}/a.safetensors"],
@@ -230,7 +232,8 @@ def test_pack_into_a_read_only_out_is_one_line(files, tmp_path, capsys, monkeypa
     def read_only(*a, **k):  # what a read-only OUT does to a non-root user (root ignores the mode bits)
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(paths.tempfile, "TemporaryFile", read_only)
-    rc, err = run_cli("data", ["pack", str(files["root"] / "good.npz"), str(tmp_path / "ro" / "p"), "--size", "8"], capsys)
+    src, out = files["root"] / "good.npz", tmp_path / "ro" / "p"
+    rc, err = run_cli("data", ["pack", str(src), str(out), "--size", "8"], capsys)
     assert rc == 2 and err == [f"error: OUT {tmp_path / 'ro' / 'p'} is not writable (Permission denied in "
                                f"{tmp_path}): choose another OUT"]
 
