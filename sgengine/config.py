@@ -137,6 +137,9 @@ class TrainConfig:
 def check_runnable(cfg: TrainConfig) -> None:
     """Checks that need the whole configuration, or a file it names, and no data: they run before
     any work (the train CLI's k-means included) and again in the trainer; each names its flag."""
+    if cfg.data != "digits" and not os.path.exists(cfg.data):
+        raise ConfigError("data", f"{cfg.data} does not exist: pass 'digits', an image folder, a pack, or an "
+                          ".npz/.npy array")
     for check in (_check_condition, _check_schedule, _check_deepspeed, _check_eval, _check_online):
         check(cfg)
     problem = device_problem(cfg.device)

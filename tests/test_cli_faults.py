@@ -133,7 +133,7 @@ ROWS = [
     ("train", T + ["--model.nope", "3"], "unknown flag --model.nope"),
     ("train", T + ["--stpes", "3"], "unknown flag --stpes"),
     ("train", T + ["--config", "missing.json"], "--config cannot read missing.json"),
-    ("train", T + ["--data", "nope_dir"], "--data 'nope_dir' is neither"),
+    ("train", T + ["--data", "nope_dir"], "--data nope_dir does not exist"),
     ("train", T + ["--data", "{f:trunc_npz}"], "a truncated or partial copy"),
     ("train", T + ["--data", "{f:wrong_key}"], "put the images under 'x' or 'images'"),
     ("train", ["--preset", "tiny", "--out", "{f:a_file}/run"], "is a file, not a folder"),
@@ -150,7 +150,9 @@ ROWS = [
     ("sample", ["--ckpt", "{out}/nope", "--out", "{out}/s.png"], "nope"),
     ("annotate", ["--data", "digits", "--k", "0", "--out", "{out}/a.safetensors"], "--k must be >= 1"),
     ("annotate", ["--data", "digits", "--k", "4", "--device", "gpu", "--out", "{out}/a.safetensors"], "--device 'gpu'"),
-    ("annotate", ["--data", "nope_dir", "--k", "4", "--out", "{out}/a.safetensors"], "--data 'nope_dir' is neither"),
+    ("annotate", ["--data", "nope_dir", "--k", "4", "--out", "{out}/a.safetensors"], "--data nope_dir: nope_dir does"),
+    ("annotate", ["--data", "digits", "--feature_data", "nope", "--k", "4", "--out", "{out}/a.safetensors"],
+     "--feature_data nope: nope does not exist"),
     ("annotate", ["--data", "{f:trunc_npz}", "--k", "4", "--out", "{out}/a.safetensors"],
      "a truncated or partial copy"),
     ("annotate", ["--data", "{f:wrong_key}", "--k", "1", "--out", "{out}/a.safetensors"], "put the images under 'x'"),
@@ -160,7 +162,7 @@ ROWS = [
     ("annotate", ["--data", "digits", "--size", "8", "--k", "4", "--extractor", "diffusion:{run}", "--t", "5000",
                   "--out", "{out}/a.safetensors"], "does not fit objective 'ddpm'"),
     ("annotate", ["--data", "digits", "--size", "8", "--k", "4", "--extractor", "diffusion:{out}/none",
-                  "--out", "{out}/a.safetensors"], "none"),
+                  "--out", "{out}/a.safetensors"], "does not exist; pass a run folder"),
     ("eval", ["--samples", "{f:npy}", "--ref", "{f:trunc_npz}", "--features", "{clf}", "--out", "{out}/r.json"],
      "a truncated or partial copy"),
     ("eval", ["--samples", "{f:trunc_npz}", "--ref", "{f:npy}", "--features", "{clf}", "--out", "{out}/r.json"],
@@ -184,7 +186,7 @@ ROWS = [
     ("experiment", ["compare", "--out", "{out}", "--budget_steps", "0"], "--budget_steps must be >= 1"),
     ("experiment", ["compare", "--out", "{out}", "--methods", "foo"], "--methods is refused: unknown method 'foo'"),
     ("experiment", ["compare", "--out", "{f:a_file}/c"], "is a file, not a folder"),
-    ("experiment", ["compare", "--out", "{out}", "--data", "nope_dir", "--budget_steps", "1"], "'nope_dir' is neither"),
+    ("experiment", ["compare", "--out", "{out}", "--data", "nope_dir"], "--data nope_dir does not exist"),
 ]
 
 

@@ -148,11 +148,22 @@ def make_annotations(args, feats: dict, settings: dict, device: torch.device, im
                                StegoConfig(steps=args.steps, seed=args.seed), device, progress, images, crf)
 
 
+def check_flags(args) -> None:
+    """What the flags alone decide, before any image is read."""
+    if args.crf and args.method != "segments":
+        raise ValueError("--crf refines segment masks: use it with --method segments")
+    images = "an image folder, a pack or an .npz/.npy array"
+    for given, path, what in ((f"--data {args.data}", args.data, f"'digits', {images}"),
+                              (f"--feature_data {args.feature_data}", args.feature_data, images),
+                              (f"--extractor {args.extractor}", args.extractor.partition("diffusion:")[2],
+                               "a run folder (the --out of sgengine.train)")):
+        if path and path != "digits" and not os.path.exists(path):
+            raise ValueError(f"{given}: {path} does not exist; pass {what}")
+
+
 def _check(args, data: ImageData) -> None:
     if args.k < 1 or args.k > len(data):
         raise ValueError(f"--k must be in [1, {len(data)}] (the number of images), got {args.k}")
-    if args.crf and args.method != "segments":
-        raise ValueError("--crf refines segment masks: use it with --method segments")
     if args.labels_metrics and data.labels is None:
         raise ValueError(f"--labels_metrics: {args.data} has no labels (class sub-folders or 'y' in the .npz)")
 
@@ -188,6 +199,7 @@ def check_outputs(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_flags(args)
         check_outputs(args)
         ann, report = run(args)
     except (ValueError, OSError, KeyError, RuntimeError, ImportError) as err:
