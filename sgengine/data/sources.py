@@ -188,9 +188,6 @@ def _tars(root: Path, shards: list[Path]) -> Source:
 def _index_shard(shard: Path) -> dict:
     """key -> ((shard, data offset, size) of its image, its .cls label or None), in member order."""
     samples: dict = {}
-    if shard.stat().st_size % tarfile.BLOCKSIZE:  # a cut at a member boundary reads as a shorter, valid shard
-        raise ValueError(f"tar shard {shard} is truncated ({shard.stat().st_size} bytes, not a whole number of "
-                         f"{tarfile.BLOCKSIZE}-byte tar blocks): copy it again")
     try:
         with tarfile.open(shard, "r:") as tar:
             for m in tar:
@@ -205,6 +202,9 @@ def _index_shard(shard: Path) -> dict:
     except tarfile.ReadError as err:
         raise ValueError(f"cannot read tar shard {shard} ({err}): WebDataset shards are plain .tar; "
                          "gunzip a .tar.gz first") from err
+    if shard.stat().st_size % tarfile.BLOCKSIZE:  # a cut at a member boundary reads as a shorter, valid shard
+        raise ValueError(f"tar shard {shard} is truncated ({shard.stat().st_size} bytes, not a whole number of "
+                         f"{tarfile.BLOCKSIZE}-byte tar blocks): copy it again")
     return {k: v for k, v in samples.items() if v[0] is not None}
 
 
