@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from .common.flags import (ConfigError, Count, FlagParser, Fraction, NonNeg, NonNegInt, Positive, Range,
                            add_dataclass_flags, collect, flat_fields, from_plain, validate)
+from .device import device_problem
 from .diffusion.edm import EDM_PRESETS, EDMConfig
 from .diffusion.flow import SIGMA_MIN
 from .diffusion.samplers import SAMPLERS
@@ -133,10 +135,72 @@ class TrainConfig:
 
 
 def check_runnable(cfg: TrainConfig) -> None:
-    """Checks that need the whole configuration (presets may leave the annotation file to the user)."""
+    """Checks that need the whole configuration, or a file it names, and no data: they run before
+    any work (the train CLI's k-means included) and again in the trainer; each names its flag."""
+    if cfg.data != "digits" and not os.path.exists(cfg.data):
+        raise ConfigError("data", f"{cfg.data} does not exist: pass 'digits', an image folder, a pack, or an "
+                          ".npz/.npy array")
+    for check in (_check_condition, _check_schedule, _check_deepspeed, _check_eval, _check_online):
+        check(cfg)
+    problem = device_problem(cfg.device)
+    if problem:
+        raise ConfigError("device", problem)
+
+
+def _check_condition(cfg: TrainConfig) -> None:
+    make = "make one with `python -m sgengine.annotate --data DIR --out FILE`"
     if cfg.condition == "annotations" and not cfg.annotations:
-        raise ConfigError("annotations", f"must name a file: preset {cfg.preset!r} trains on an annotation "
-                          "file (make one with `python -m sgengine.annotate --data DIR --out FILE`)")
+        raise ConfigError("annotations", f"must name a file: preset {cfg.preset!r} trains on an annotation file "
+                          f"({make})")
+    if cfg.annotations and cfg.condition != "annotations":
+        raise ConfigError("annotations", f"is read only with --condition annotations, and the condition is "
+                          f"{cfg.condition!r}: add --condition annotations, or drop --annotations")
+    if cfg.annotations and not os.path.isfile(cfg.annotations):
+        raise ConfigError("annotations", f"{cfg.annotations} is not a file: pass an annotation file ({make})")
+
+
+def _check_schedule(cfg: TrainConfig) -> None:
+    if cfg.objective == "ddpm" and cfg.beta_start >= cfg.beta_end:
+        raise ConfigError("beta_start", f"must be below --beta_end ({cfg.beta_end}), got {cfg.beta_start}: "
+                          "the linear schedule rises from beta_start to beta_end (DDPM: 1e-4 to 0.02)")
+
+
+def _check_deepspeed(cfg: TrainConfig) -> None:
+    for key, given in (("zero_stage", cfg.zero_stage != 0), ("ds_config", bool(cfg.ds_config))):
+        if given and not cfg.deepspeed:
+            raise ConfigError(key, "applies only under DeepSpeed: add --deepspeed true, or drop it")
+    if cfg.ds_config and not os.path.isfile(cfg.ds_config):
+        raise ConfigError("ds_config", f"{cfg.ds_config} is not a file: pass a DeepSpeed JSON file, or leave it empty")
+    if cfg.ds_config:
+        _read_json(cfg.ds_config, "ds_config")
+
+
+def _check_eval(cfg: TrainConfig) -> None:
+    if cfg.eval_every and not cfg.eval_ref:
+        raise ConfigError("eval_every", "needs a reference: add --eval_ref DIR|images.npz|stats.npz, or set "
+                          "--eval_every 0")
+    if cfg.eval_ref and not os.path.exists(cfg.eval_ref):
+        raise ConfigError("eval_ref", f"{cfg.eval_ref} does not exist: pass an image folder, an .npz of images "
+                          "or of cached statistics")
+
+
+def _check_online(cfg: TrainConfig) -> None:
+    """Online self-guidance's requirements (SPEC section 2), each with its fix."""
+    if not cfg.online.enabled:
+        return
+    preset_hint = "(or --preset uvit-tiny-online)"
+    if cfg.arch != "uvit" or cfg.objective != "flow":
+        raise ConfigError("online.enabled", f"trains a U-ViT with flow matching, not arch {cfg.arch!r} with "
+                          f"objective {cfg.objective!r}: add --arch uvit --objective flow {preset_hint}")
+    if cfg.condition != "none":
+        raise ConfigError("condition", f"must be 'none' with --online.enabled true (the prototypes are the "
+                          f"conditions), got {cfg.condition!r}: pass --condition none")
+    if cfg.deepspeed:
+        raise ConfigError("deepspeed", "does not apply to online self-guidance, which scales out with torch DDP "
+                          "(its head and prototypes live outside the DeepSpeed engine): drop --deepspeed")
+    if cfg.online.feature == "patches" and not cfg.uvit.patch_cond:
+        raise ConfigError("online.feature", "patches adds a prototype to every patch token: add "
+                          "--uvit.patch_cond true")
 
 
 def _paper(model: str, **kw) -> TrainConfig:
@@ -269,16 +333,17 @@ def build_parser(prog: str = "python -m sgengine.train") -> FlagParser:
     return p
 
 
-def _read_json(path: str) -> dict:
+def _read_json(path: str, key: str = "config") -> dict:
     try:
         with open(path) as fh:
             values = json.load(fh)
     except OSError as err:
-        raise ConfigError("config", f"cannot read {path}: {err.strerror}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError("config", f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+        raise ConfigError(key, f"cannot read {path}: {err.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f"{err.msg}, line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "not text"
+        raise ConfigError(key, f"{path} is not valid JSON ({where})") from None
     if not isinstance(values, dict):
-        raise ConfigError("config", f"{path} must hold a JSON object of settings")
+        raise ConfigError(key, f"{path} must hold a JSON object of settings")
     return values
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +27,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .common.flags import (ConfigError, Count, FlagParser, NonNeg, NonNegInt, Range, add_dataclass_flags, collect,
-                           validate)
-from .config import apply_overrides, preset
+                           error_line, validate)
+from .config import apply_overrides, check_runnable, preset
 from .data import ImageData, load_data
-from .device import resolve_device
+from .device import device_problem, resolve_device
 from .eval.features import batched_features
 from .eval.frechet import FeatureStats, feature_stats
 from .eval.runner import Reference, describe, evaluate_generator, feature_network, metric_name, reference
 from .checkpoint import latest_checkpoint
+from .common.paths import check_writable
 from .viz import plot_lines
 
 BASE_METHODS = ("none", "labels", "self-labeled")
@@ -63,12 +65,17 @@ class CompareConfig:
 
     def __post_init__(self):
         validate(self)
-        methods = [parse_method(m) for m in self.methods]  # every method checked before any training
+        if device_problem(self.device):
+            raise ConfigError("device", device_problem(self.device))
+        try:
+            methods = [parse_method(m) for m in self.methods]  # every method checked before any training
+        except ValueError as err:
+            raise ConfigError("methods", f"is refused: {err}") from None
         if any(m.features == "diffusion" for m in methods) and "none" not in self.methods:
-            raise ValueError("self-labeled:diffusion clusters the unconditional model's features: put 'none' in "
-                             "--methods (it trains first) or name a run, self-labeled:diffusion:RUN_DIR")
+            raise ConfigError("methods", "self-labeled:diffusion clusters the unconditional model's features: put "
+                              "'none' in --methods (it trains first) or name a run, self-labeled:diffusion:RUN_DIR")
         if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"--methods lists a method twice: {','.join(self.methods)}")
+            raise ConfigError("methods", f"lists a method twice: {','.join(self.methods)}")
 
 
 @dataclass(frozen=True)
@@ -290,22 +297,31 @@ def build_parser() -> FlagParser:
 
 
 def parse_args(argv=None) -> CompareConfig:
+    """The checked CompareConfig; every setting, the trainer's ones (preset, device, sizes) and --out
+    included, is refused here with one ``error:`` line, before any data is read or model trained."""
     parser = build_parser()
     args = collect(parser.parse_args(argv), [f.name for f in dataclasses.fields(CompareConfig)])
     try:
-        return apply_overrides(CompareConfig(), args)
+        cc = apply_overrides(CompareConfig(), args)
+        check_runnable(base_config(cc))
+        check_writable(cc.out, "--out", "choose another --out")
+        return cc
     except ConfigError as err:
         parser.fail(err)
     except ValueError as err:  # bad methods: a usage error, not a traceback
         parser.error(str(err))
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
     cc = parse_args(argv)
-    summary = compare(cc)
+    try:
+        compare(cc)
+    except (ValueError, OSError, KeyError, ImportError) as err:  # data, references, feature networks
+        print(error_line(err), file=sys.stderr)
+        return 2
     print((Path(cc.out) / "results.md").read_text())
-    return summary
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from .data import read_image
+from .data.sources import READ_ERRORS
 from .data.latents import to_images
-from .device import resolve_device
+from .device import device_flag, resolve_device
 from .guidance.attach import list_attention_layers
 from .sampling import generator_at, grid_clusters, sample
 from .checkpoint import load_meta, resolve_checkpoint
-from .common.flags import Count, FlagParser, NonNeg, NonNegInt, add_typed
+from .common.flags import Count, FlagParser, NonNeg, NonNegInt, add_typed, error_line
 from .common.io import DiskFull, atomic_write
 from .common.paths import check_writable
 from .diffusion.samplers import SAMPLERS
@@ -40,7 +41,7 @@ def build_parser() -> FlagParser:
               help="online self-guidance runs: prototype ids, one grid row each (default: the most used)")
     p.add_argument("--like", default=None, help="online runs: condition on the prototype of this exemplar image")
     add_typed(p, "--seed", int, default=0)
-    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    p.add_argument("--device", default="auto", type=device_flag, help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     p.add_argument("--out", default="samples.png", help="PNG grid; the raw samples go to the same name .npz")
     g = p.add_argument_group("self-attention guidance (Hong et al.; SPEC section 4)")
     add_typed(g, "--sag_scale", float, default=0.0, help="SAG scale s (0 = off; ~0.1-1.0)")
@@ -114,9 +115,9 @@ def main(argv=None) -> int:
         ids, rows = _rows(gen, args)
         x = sample(gen, ids, args.n if ids is None else len(ids), w=args.w, steps=args.steps,
                    sampler=args.sampler, seed=args.seed, progress=True, **_sag(args))
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         hint = " (list them with --list_layers)" if isinstance(err, KeyError) else ""
-        print(f"error: {err.args[0] if err.args else err}{hint}", file=sys.stderr)
+        print(error_line(err) + hint, file=sys.stderr)
         return 2
     return _write(to_images(x, gen.cfg.data), ids, rows, args.out)
 
@@ -127,6 +128,13 @@ OUT_SUFFIXES = (".png",)  # the grid; the raw samples go beside it as .npz
 def check_args(args) -> None:
     """The flags the parser cannot judge alone, checked before a checkpoint is loaded (one-line ValueErrors)."""
     _check_sag(args)  # --n and --steps >= 1 are the parser's
+    if args.like is not None:
+        _check_like(Path(args.like))
+    rows = args.clusters or args.prototypes
+    if rows and args.n < len(rows):
+        flag = "--clusters" if args.clusters else "--prototypes"
+        raise ValueError(f"--n {args.n} is fewer than the {len(rows)} {flag} (one grid row each, --n // rows "
+                         f"samples a row): pass --n {len(rows)} or more, or fewer {flag}")
     if args.list_layers:
         return
     out = Path(args.out)
@@ -135,6 +143,19 @@ def check_args(args) -> None:
                          f"{' or '.join(OUT_SUFFIXES)} (allowed: {', '.join(OUT_SUFFIXES)}), e.g. --out {out.with_suffix('.png')}")
     for path, what in ((out, "--out"), (out.with_suffix(".npz"), "the raw samples' file")):
         check_writable(path, what, "choose another --out", folder=False)
+
+
+def _check_like(path: Path) -> None:
+    """--like is one readable image file, checked before the checkpoint is loaded."""
+    fix = "pass one image file (.png, .jpg, ...)"
+    if not path.exists():
+        raise ValueError(f"--like {path} does not exist: {fix}")
+    if not path.is_file():
+        raise ValueError(f"--like {path} is a folder, not an image: {fix}")
+    try:
+        read_image(path, 8, 3)
+    except READ_ERRORS as err:
+        raise ValueError(f"--like {path} is not a readable image ({type(err).__name__}): {fix}") from None
 
 
 def _check_sag(args) -> None:

@@ -18,13 +18,14 @@ from pathlib import Path
 
 from .checkpoint import latest_checkpoint
 from .common import runlock
+from .common.flags import error_line
 from .common.io import DiskFull
 from .common.paths import check_writable
 from .common.ranks import dist_info, world_size
 from .config import TrainConfig, parse_args
 from .data import load_data
 from .training.interrupt import Interrupted
-from .training.trainer import SELF_LABELS_FILE, NonFiniteLoss, Trainer
+from .training.trainer import SELF_LABELS_FILE, NonFiniteLoss, Trainer, resolve_model
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program that Ctrl-C stopped
 
@@ -45,6 +46,9 @@ def check_outputs(cfg: TrainConfig) -> None:
     check_writable(out, "--out", fix)
     for sub in ("ckpt", "samples"):
         check_writable(out / sub, f"--out's {sub}/ folder", fix)
+    files = ["loss.png", "samples.png", "metrics.jsonl", "ckpt/latest"] + ["cluster_usage.png"] * cfg.online.enabled
+    for name in files:  # a folder in a file's place would fail at the first checkpoint or at the end
+        check_writable(out / name, "--out's file", f"{fix}, or move that folder away", folder=False)
     if cfg.condition == "self-labels":
         check_writable(out / SELF_LABELS_FILE, "the self-label file", fix, folder=False)
 
@@ -62,8 +66,9 @@ def self_labels(cfg: TrainConfig, log=print) -> Path | None:
     from .annotate.io import save_annotations
     from .annotate.labels import pixel_self_labels
 
-    net = cfg.uvit if cfg.arch == "uvit" else cfg.model
-    data = load_data(cfg.data, net.img_size, net.in_channels)
+    net = cfg.network
+    data = load_data(cfg.data, net.img_size, net.in_channels, resize=cfg.data_resize)
+    resolve_model(cfg, None, data)  # data the network cannot take is refused before k-means, not after
     save_annotations(path, pixel_self_labels(data.images, cfg.k, cfg.pca_dim, cfg.seed, cfg.data))
     features = f"PCA-{cfg.pca_dim} of pixels" if cfg.pca_dim else "pixels"
     log(f"self-labels: k-means (K={cfg.k}) on {features} of {len(data)} images -> {path}")
@@ -92,14 +97,14 @@ def main(argv=None) -> int:
     try:
         trainer, out = train(cfg)
     except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 3
     except DiskFull as err:
         print(f"error: {err}; {_last_intact(cfg)}: free space there, then continue with: {resume_command(argv)}",
               file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError, ImportError) as err:  # OSError: missing, existing, unwritable files
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as err:
         if dist_info().main:

@@ -67,7 +67,7 @@ def test_cli_exits_2_without_traceback_or_work(tmp_path):
 
 def test_good_flags_convert_by_type_hint():
     cfg = parse_args(["--preset", "tiny", "--steps", "7", "--lr", "1e-3", "--hflip", "yes", "--model.channel_mult",
-                      "1,2,4", "--zero_stage", "2", "--sampler", "heun", "--ema_max", "0"])
+                      "1,2,4", "--deepspeed", "true", "--zero_stage", "2", "--sampler", "heun", "--ema_max", "0"])
     assert (cfg.steps, cfg.lr, cfg.hflip, cfg.model.channel_mult, cfg.zero_stage, cfg.sampler) == \
         (7, 1e-3, True, (1, 2, 4), 2, "heun")
     assert type(cfg.lr) is float and type(cfg.zero_stage) is int

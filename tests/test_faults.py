@@ -102,7 +102,10 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
 def test_non_finite_weights_are_never_saved_and_resume_takes_a_lower_lr(two_steps, tmp_path):
     out = _copy(two_steps, tmp_path)
     good = _snapshot(out / "ckpt" / "step_00000004")
-    tr = Trainer(_cfg(out, steps=8, ckpt_every=1, lr=float("inf"), resume=True), log=lambda *a: None)
+    tr = Trainer(_cfg(out, steps=8, ckpt_every=1, resume=True), log=lambda *a: None)
+    tr.sched.base_lrs = [float("inf")] * len(tr.opt.param_groups)  # --lr inf itself is refused up front
+    for group in tr.opt.param_groups:
+        group["lr"] = float("inf")
     with pytest.raises(NonFiniteLoss) as err:
         tr.run()
     msg = str(err.value)

@@ -19,10 +19,10 @@ from typing import Literal
 
 import torch
 
-from ..common.flags import Count, FlagParser, Fraction, Positive, add_typed
+from ..common.flags import Count, FlagParser, Fraction, Positive, add_typed, error_line
 from ..common.paths import check_writable
 from ..data import ImageData, load_data, report_skipped
-from ..device import resolve_device
+from ..device import device_flag, resolve_device
 from ..eval.cluster import cluster_report, format_report
 from .io import Annotations, save_annotations
 
@@ -69,7 +69,7 @@ def build_parser() -> FlagParser:
     add_typed(p, "--lost_k", Count, default=100, help="LOST expansion set size")
     add_typed(p, "--batch_size", Count, default=64, help="feature extraction batch size")
     p.add_argument("--cache", default="auto", help="feature cache folder ('auto': next to --out; 'none': off)")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    p.add_argument("--device", default="auto", type=device_flag, help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
     add_typed(p, "--seed", int, default=0,
               help="seeds k-means, TEMI, STEGO and a --weights random ViT (part of the feature-cache key)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -148,11 +148,22 @@ def make_annotations(args, feats: dict, settings: dict, device: torch.device, im
                                StegoConfig(steps=args.steps, seed=args.seed), device, progress, images, crf)
 
 
+def check_flags(args) -> None:
+    """What the flags alone decide, before any image is read."""
+    if args.crf and args.method != "segments":
+        raise ValueError("--crf refines segment masks: use it with --method segments")
+    images = "an image folder, a pack or an .npz/.npy array"
+    for given, path, what in ((f"--data {args.data}", args.data, f"'digits', {images}"),
+                              (f"--feature_data {args.feature_data}", args.feature_data, images),
+                              (f"--extractor {args.extractor}", args.extractor.partition("diffusion:")[2],
+                               "a run folder (the --out of sgengine.train)")):
+        if path and path != "digits" and not os.path.exists(path):
+            raise ValueError(f"{given}: {path} does not exist; pass {what}")
+
+
 def _check(args, data: ImageData) -> None:
     if args.k < 1 or args.k > len(data):
         raise ValueError(f"--k must be in [1, {len(data)}] (the number of images), got {args.k}")
-    if args.crf and args.method != "segments":
-        raise ValueError("--crf refines segment masks: use it with --method segments")
     if args.labels_metrics and data.labels is None:
         raise ValueError(f"--labels_metrics: {args.data} has no labels (class sub-folders or 'y' in the .npz)")
 
@@ -188,10 +199,11 @@ def check_outputs(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_flags(args)
         check_outputs(args)
         ann, report = run(args)
     except (ValueError, OSError, KeyError, RuntimeError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
     lay = "" if ann.layout is None else f", layout {tuple(ann.layout.shape[1:])}"
     print(f"{args.method}: {len(ann)} images, K={ann.k}{lay}: {format_report(report)}")

@@ -130,7 +130,7 @@ class ViTExtractor(nn.Module):
         try:
             import timm
         except ImportError as err:
-            raise ImportError("ViT features need timm: pip install sgengine[timm]") from err
+            raise ImportError("ViT features need timm: pip install timm (or pip install sgengine[timm])") from err
         kw = dict(kwargs, num_classes=0, **({"img_size": img_size} if img_size else {}))
         if weights is None:
             try:
@@ -248,7 +248,7 @@ class DiffusionExtractor(nn.Module):
         self._check_t()
         self.raw = _raw_network(self.net)
         m = self.cfg.uvit if self.cfg.arch == "uvit" else self.cfg.model
-        self.channels, self.size = m.in_channels, m.img_size
+        self.channels, self.size = m.in_channels, (m.img_size, m.img_size)  # (H, W), as ViTExtractor's
         find_block(self.raw, layer).register_forward_hook(self._keep)
         self._out, self.grid = None, None
         ckpt = resolve_checkpoint(run_dir)
@@ -289,8 +289,8 @@ class DiffusionExtractor(nn.Module):
             raise ValueError(f"the diffusion model takes {self.channels}-channel images, got {images.shape[1]}: "
                              f"load the data with channels={self.channels}")
         x = images.to(next(self.net.parameters()).device).float() / 127.5 - 1
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
         self.net(*self._noised(x, self._noise(x, index)))  # y=None: the null condition
         h = self._out
         if h.dim() == 4:  # UNet: (B, C, H, W)
@@ -315,7 +315,7 @@ def make_extractor(spec: str, weights=None, img_size: int | None = None, layer: 
     if spec == "pca":
         return PixelExtractor(patch, pca_dim)
     if spec.startswith("diffusion:"):
-        return DiffusionExtractor(spec.split(":", 1)[1], layer, t, device=device)
+        return DiffusionExtractor(spec.split(":", 1)[1], layer, t, seed=seed, device=device)
     return ViTExtractor(spec, weights, img_size, device, seed=seed)
 
 

@@ -28,14 +28,16 @@ from typing import Annotated, Literal, Union
 
 @dataclass(frozen=True)
 class Range:
-    """An interval a numeric field must lie in; any bound may be open, closed or absent."""
+    """An interval a numeric field must lie in; any bound may be open, closed or absent. ``finite``
+    also refuses +-inf (a learning rate of inf passes ``> 0`` but trains nothing)."""
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
+    finite: bool = False
 
     def holds(self, v) -> bool:
-        if v != v:  # NaN lies in no interval
+        if v != v or (self.finite and v in (float("inf"), float("-inf"))):  # NaN lies in no interval
             return False
         return not ((self.ge is not None and v < self.ge) or (self.gt is not None and v <= self.gt)
                     or (self.le is not None and v > self.le) or (self.lt is not None and v >= self.lt))
@@ -51,8 +53,8 @@ class Range:
 
 Count = Annotated[int, Range(ge=1)]  # steps, batch sizes, clusters
 NonNegInt = Annotated[int, Range(ge=0)]  # 0 switches a feature off
-Positive = Annotated[float, Range(gt=0)]
-NonNeg = Annotated[float, Range(ge=0)]
+Positive = Annotated[float, Range(gt=0, finite=True)]
+NonNeg = Annotated[float, Range(ge=0, finite=True)]
 Fraction = Annotated[float, Range(ge=0, lt=1)]  # probabilities that must leave room, EMA decays
 Unit = Annotated[float, Range(ge=0, le=1)]
 
@@ -155,7 +157,8 @@ def check(value, hint, key: str):
         raise ConfigError(key, f"expects {k.base.__name__}, got {type(value).__name__} {value!r}")
     for r in k.ranges:
         if not r.holds(value):
-            raise ConfigError(key, f"must be {r}, got {value!r}")
+            what = "finite" if r.finite and value in (float("inf"), float("-inf")) else r
+            raise ConfigError(key, f"must be {what}, got {value!r}")
     return value
 
 
@@ -227,7 +230,8 @@ def metavar(hint) -> str:
         text = "{" + ",".join("''" if c == "" else str(c.value if isinstance(c, enum.Enum) else c) for c in k.choices) + "}"
     elif typing.get_origin(k.base) is tuple:
         args = typing.get_args(k.base)
-        text = f"{args[0].__name__.upper()},..." if args[-1] is Ellipsis else ",".join(a.__name__.upper() for a in args)
+        names = [kind_of(a).base.__name__.upper() for a in args if a is not Ellipsis]
+        text = f"{names[0]},..." if args[-1] is Ellipsis else ",".join(names)
     else:
         text = getattr(k.base, "__name__", str(k.base)).upper()
     return text + ("|none" if k.optional else "")
@@ -328,3 +332,16 @@ def collect(namespace: argparse.Namespace, keys) -> dict:
     """The flags the user gave, as {dotted key: string}."""
     args = vars(namespace)
     return {k: args[k] for k in keys if args.get(k) is not None}
+
+
+def error_line(err: BaseException) -> str:
+    """The one line every CLI prints for a refused input: ``error: <message>`` (exit 2). A KeyError's
+    message without its repr quotes, an OSError as 'path: reason' (not '[Errno 2] ...' or a bare '2'),
+    any line breaks folded, so the output stays one line."""
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    elif isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = str(err) or type(err).__name__
+    return "error: " + " ".join(text.split())

@@ -7,7 +7,8 @@ images (ImageData and ``load_data``), packed (``open_pack``), loader (background
 from .images import (IMAGE_SUFFIXES, ImageData, list_images, load_array, load_data, load_digits, load_folder,
                      read_image, report_skipped, to_float, to_uint8)
 from .loader import BatchLoader
+from .sources import np_load
 from .packed import is_pack, open_pack
 
 __all__ = ["IMAGE_SUFFIXES", "ImageData", "BatchLoader", "is_pack", "list_images", "load_array", "load_data",
-           "load_digits", "load_folder", "open_pack", "read_image", "report_skipped", "to_float", "to_uint8"]
+           "load_digits", "load_folder", "np_load", "open_pack", "read_image", "report_skipped", "to_float", "to_uint8"]

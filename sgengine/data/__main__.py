@@ -12,7 +12,8 @@ import argparse
 import sys
 from typing import Literal
 
-from ..common.flags import Count, FlagParser, NonNegInt, Positive, add_typed
+from ..common.flags import Count, FlagParser, NonNegInt, Positive, add_typed, error_line
+from ..device import device_flag
 
 
 def build_parser() -> FlagParser:
@@ -36,7 +37,7 @@ def build_parser() -> FlagParser:
     add_typed(en, "--posterior", Literal["mean_std", "mean"], default="mean_std",
               help="mean_std: keep q(z|x)'s mean and std (training draws z = mean + std * eps each batch, as "
                    "U-ViT / LDM / EDM2); mean: the mean only (the model always sees one latent per image)")
-    en.add_argument("--device", default="auto")
+    en.add_argument("--device", default="auto", type=device_flag)
     en.add_argument("--quiet", action="store_true")
     return p
 
@@ -51,8 +52,8 @@ def main(argv=None) -> int:
             from .latents import encode
             encode(args.pack, args.out, args.vae, args.batch_size, args.device, args.scaling_factor,
                    progress=not args.quiet, posterior=args.posterior)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, RuntimeError, FloatingPointError, ImportError) as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     return 0
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .checks import channel_stats, check_finite, check_geometry, scale_integers, to_nhwc
 from .decode import decode_image
-from .sources import IMAGE_SUFFIXES, READ_ERRORS, folder_labels, list_images
+from .sources import IMAGE_SUFFIXES, READ_ERRORS, folder_labels, list_images, np_load
 
 __all__ = ["ImageData", "IMAGE_SUFFIXES", "list_images", "load_array", "load_data", "load_digits", "load_folder",
            "posterior_draw", "read_image", "report_skipped", "to_float", "to_uint8"]
@@ -128,7 +127,7 @@ def load_folder(root: str | os.PathLike, size: int, channels: int = 3, progress:
 def _read_array(path: Path):
     """(images, labels) of an .npy (memory-mapped) or .npz (images under 'x', 'images', 'arr_0' or the
     official 'data' rows; labels under 'y' / 'labels', 1-based in the official batches)."""
-    data = _np_load(path)
+    data = np_load(path)
     if path.suffix == ".npy":
         return data, None
     if "data" in data.files:
@@ -139,15 +138,6 @@ def _read_array(path: Path):
     if key is None:
         raise KeyError(f"{path} holds {list(data.keys())}; put the images under 'x' or 'images'")
     return data[key], next((data[k] for k in ("y", "labels") if k in data.files), None)
-
-
-def _np_load(path: Path):
-    """np.load (.npy memory-mapped), with a one-line error for truncated or foreign files."""
-    try:
-        return np.load(path, mmap_mode="c" if path.suffix == ".npy" else None)  # a cut .npz has no zip directory
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # numpy's and zipfile's "cut short"
-        raise ValueError(f"cannot read {path} ({type(err).__name__}: {err}): a truncated or partial copy? "
-                         "copy it again, or save it with np.save / np.savez") from err
 
 
 def load_array(path: str | os.PathLike, size: int | None = None, resize: bool = False) -> ImageData:
@@ -189,7 +179,9 @@ def load_data(spec: str, size: int, channels: int = 3, progress: bool = True, re
         return load_folder(path, size, channels, progress)
     if path.suffix in (".npz", ".npy") and path.is_file():
         return load_array(path, size, resize)
-    raise FileNotFoundError(f"--data {spec!r} is neither 'digits', a pack, an image folder, nor an .npz/.npy file")
+    tar = " (.tar shards train once packed: python -m sgengine.data pack SHARDS OUT --size N)" \
+        if str(spec).endswith(".tar") else ""
+    raise FileNotFoundError(f"--data {spec!r} is neither 'digits', a pack, an image folder, nor an .npz/.npy file{tar}")
 
 
 def report_skipped(data: ImageData, log=print) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..common.paths import check_writable
 from .checks import stats_from_sums
 from .images import to_uint8
 from .store import (DATA, LABELS, MANIFEST, NAMES, POSTERIORS, Progress, RowWriter, is_pack, open_rows,
@@ -91,7 +92,7 @@ def encode(pack, out, vae_path, batch_size: int = 32, device=None, scaling: floa
     ``posterior``: 'mean_std' (mean and std of q(z|x), sampled per batch) or 'mean' (mean only)."""
     from ..device import resolve_device
 
-    pack, out = Path(pack), Path(out)
+    pack, out = Path(pack), check_writable(out, "OUT", "choose another OUT")
     man = read_manifest(pack)
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")

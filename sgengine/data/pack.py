@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..common.paths import check_writable
 from .checks import stats_from_sums
 from .sources import Source, open_source, run_task
 from .store import DATA, MANIFEST, Progress, RowWriter, write_pack
@@ -47,7 +48,7 @@ def pack(src, out, size: int, channels: int = 3, workers: int = 2, chunk: int = 
     if size < 1 or channels not in (1, 3) or workers < 0 or chunk < 1:
         raise ValueError(f"pack needs --size >= 1, --channels 1 or 3, --workers >= 0, --chunk >= 1 "
                          f"(got {size}, {channels}, {workers}, {chunk})")
-    out = Path(out)
+    out = check_writable(out, "OUT", "choose another OUT", folder=True)
     source = open_source(src)  # an empty or unreadable source fails here, before any work
     header = {"format": "pack", "source": str(Path(src).resolve()), "size": size, "channels": channels,
               "chunk": chunk, "items": len(source.names)}

@@ -31,6 +31,19 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 READ_ERRORS = (OSError, Unusable, ValueError, SyntaxError, EOFError)  # PIL's ways of saying "unreadable"
 
 
+def np_load(path: str | os.PathLike):
+    """np.load (.npy memory-mapped) of every reader of arrays, with a one-line error for truncated or
+    foreign files (a cut .npz has no zip directory: zipfile's BadZipFile, not a ValueError)."""
+    path = Path(path)
+    try:
+        return np.load(path, mmap_mode="c" if path.suffix == ".npy" else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # numpy's and zipfile's "cut short"
+        if isinstance(err, OSError) and not path.is_file():
+            raise  # missing: the caller's FileNotFoundError names it
+        raise ValueError(f"cannot read {path} ({type(err).__name__}: {' '.join(str(err).split())}): a truncated "
+                         "or partial copy? copy it again, or save it with np.save / np.savez") from err
+
+
 @dataclass
 class Source:
     kind: str  # 'folder' | 'npz' | 'tar'
@@ -55,11 +68,22 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def _not_a_source(path: Path) -> str:
+    what = ("an .npy array: train on it as it is (--data FILE.npy), or save it as np.savez(FILE.npz, x=array) "
+            "to pack it") if path.suffix == ".npy" else ("a single image: pass the folder that holds it"
+                                                         if path.suffix.lower() in IMAGE_SUFFIXES else
+                                                         "a file of another kind")
+    return (f"{path} is not a pack source, which is an image folder, .npz batches or .tar shards; {path.name} "
+            f"is {what}")
+
+
 def open_source(spec: str | os.PathLike) -> Source:
     """List a folder, an .npz (or a folder of them) or a .tar shard (or a folder of them)."""
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"pack source {path} does not exist: pass an image folder, .npz batches or .tar shards")
+    if path.is_file() and path.suffix != ".npz" and not path.name.endswith(".tar"):
+        raise ValueError(_not_a_source(path))
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
         src = _folder(path)
@@ -103,8 +127,8 @@ def npz_shape(file: Path, key: str) -> tuple[int, ...]:
 
 
 def _image_key(file: Path) -> str:
-    with zipfile.ZipFile(file) as z:
-        keys = [n[:-4] for n in z.namelist()]
+    with np_load(file) as z:
+        keys = list(z.files)
     key = next((k for k in ("data", "x", "images", "arr_0") if k in keys), None)
     if key is None:
         raise ValueError(f"{file} holds {keys}; expected the official 'data' rows or images under 'x' / 'images'")
@@ -115,7 +139,7 @@ def _image_key(file: Path) -> str:
 def npz_rows(file: str) -> np.ndarray:
     """uint8 (n, H, W, C) rows of one batch file (official flattened C x H x W rows reshaped)."""
     key = _image_key(Path(file))
-    with np.load(file) as z:
+    with np_load(file) as z:
         arr = z[key]
     if key == "data":
         side = int(round((arr.shape[1] / 3) ** 0.5))
@@ -128,7 +152,7 @@ def npz_rows(file: str) -> np.ndarray:
 
 
 def npz_labels(file: Path) -> np.ndarray | None:
-    with np.load(file) as z:
+    with np_load(file) as z:
         if "data" in z.files and "labels" in z.files:  # official batches: 1-based class ids
             return np.asarray(z["labels"], dtype=np.int64).reshape(-1) - 1
         key = next((k for k in ("y", "labels") if k in z.files), None)
@@ -178,6 +202,9 @@ def _index_shard(shard: Path) -> dict:
     except tarfile.ReadError as err:
         raise ValueError(f"cannot read tar shard {shard} ({err}): WebDataset shards are plain .tar; "
                          "gunzip a .tar.gz first") from err
+    if shard.stat().st_size % tarfile.BLOCKSIZE:  # a cut at a member boundary reads as a shorter, valid shard
+        raise ValueError(f"tar shard {shard} is truncated ({shard.stat().st_size} bytes, not a whole number of "
+                         f"{tarfile.BLOCKSIZE}-byte tar blocks): copy it again")
     return {k: v for k, v in samples.items() if v[0] is not None}
 
 

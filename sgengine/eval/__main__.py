@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from ..common.flags import Count, FlagParser, add_typed
+from ..common.flags import Count, FlagParser, add_typed, error_line
 from ..common.paths import check_writable
-from ..device import resolve_device
+from ..device import device_flag
 from .runner import evaluate_images, feature_network, load_images, reference
 
 
@@ -28,7 +28,7 @@ def eval_parser() -> FlagParser:
                    help="inception (default) | dinov2:FILE (FD_DINOv2) | classifier:FILE (not Inception)")
     p.add_argument("--inception_weights", help="local Inception file (else $SGENGINE_INCEPTION_WEIGHTS)")
     add_typed(p, "--batch_size", Count, default=250, help="images per feature-network forward")
-    p.add_argument("--device", default="auto", type=resolve_device, help="'auto': CUDA when available")
+    p.add_argument("--device", default="auto", type=device_flag, help="'auto': CUDA when available")
     p.add_argument("--out", help="write the report as JSON here")
     return p
 
@@ -47,15 +47,25 @@ def train_parser() -> FlagParser:
     add_typed(p, "--width", Count, default=32, help="channels of the first ResNet stage")
     add_typed(p, "--batch_size", Count, default=128, help="training batch size")
     add_typed(p, "--seed", int, default=0)
-    p.add_argument("--device", default="auto", type=resolve_device, help="'auto': CUDA when available")
+    p.add_argument("--device", default="auto", type=device_flag, help="'auto': CUDA when available")
     return p
 
 
 def run_eval(args: argparse.Namespace) -> dict:
+    for flag in ("samples", "ref"):  # before the feature network loads and the reference is read
+        if not Path(getattr(args, flag)).exists():
+            raise FileNotFoundError(f"--{flag} {getattr(args, flag)} does not exist: pass a folder of images, a pack, "
+                                    "or an .npz/.npy array" + (" or statistics file" if flag == "ref" else ""))
+    samples = load_images(args.samples)  # read first: a damaged file fails before any feature is computed
     extractor = feature_network(args.features, args.device, args.inception_weights)
     ref = reference(args.ref, extractor, args.batch_size, args.device)
-    report = evaluate_images(load_images(args.samples), ref, extractor, args.batch_size, args.device)
-    report = {**report, "samples": str(args.samples), "ref": str(args.ref)}
+    report = evaluate_images(samples.images, ref, extractor, args.batch_size, args.device)
+    skipped = {"samples": [list(s) for s in samples.skipped], "ref": [list(s) for s in ref.skipped]}
+    for flag, files in skipped.items():
+        if files:  # reported, not fatal: the metric is over the readable images (n says how many)
+            print(f"note: --{flag} {getattr(args, flag)}: skipped {len(files)} unreadable file(s), left out of the "
+                  f"metrics: {'; '.join(f'{f} ({why})' for f, why in files)}", file=sys.stderr)
+    report = {**report, "samples": str(args.samples), "ref": str(args.ref), "skipped": skipped}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -84,10 +94,10 @@ def main(argv=None) -> int:
             return 0
         report = run_eval(args)
     except FileNotFoundError as err:
-        print(f"error: {_missing(err, args)}", file=sys.stderr)
+        print(error_line(FileNotFoundError(_missing(err, args))), file=sys.stderr)
         return 2
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, ImportError) as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1))
     return 0

@@ -178,7 +178,8 @@ def dinov2_extractor(weights_path: str | os.PathLike, model: str = "vit_large_pa
     try:
         import timm
     except ImportError as e:
-        raise ImportError("dinov2_extractor needs timm: pip install sgengine[timm]") from e
+        raise ImportError("DINOv2 features (--features dinov2:FILE) need timm: pip install timm "
+                          "(or pip install sgengine[timm])") from e
     path = Path(weights_path)
     if not path.is_file():
         raise FileNotFoundError(f"no DINOv2 weights at {path}: download the timm/{model} weights (or Meta's "

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..data import np_load
+
 
 class FeatureStats(NamedTuple):
     mu: np.ndarray  # (d,) float64
@@ -100,7 +102,7 @@ def load_stats(path: str | os.PathLike) -> FeatureStats:
     """(mu, sigma, meta) from an .npz written by ``save_stats``, pytorch-fid or clean-fid."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no statistics file at {path}: make one with save_stats(path, *feature_stats(f))")
-    with np.load(path, allow_pickle=False) as z:
+    with np_load(path) as z:
         if "mu" not in z or "sigma" not in z:
             raise ValueError(f"{path} has no 'mu'/'sigma' arrays (found {sorted(z.files)}): not a statistics file")
         meta = {k[5:]: z[k].item() for k in z.files if k.startswith("meta_")}

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data import is_pack, load_array, load_folder, list_images, open_pack, to_uint8
+from ..data import ImageData, is_pack, load_array, load_folder, list_images, np_load, open_pack, to_uint8
+from ..data.sources import READ_ERRORS
 from ..sampling import Generator, sample
 from ..common.io import append_line, atomic_write
 from ..common.ranks import from_main
@@ -34,6 +35,7 @@ from .metrics import inception_score, precision_recall
 class Reference(NamedTuple):
     stats: FeatureStats
     feats: torch.Tensor | None  # (N, d) reference features for precision/recall; None from a stats file
+    skipped: tuple = ()  # (file, reason) of the reference folder's unreadable images, left out of the stats
 
 
 # ------------------------------------------------------------------------------ feature networks
@@ -72,29 +74,39 @@ def describe(extractor) -> str:
 
 # ------------------------------------------------------------------------------ images and references
 
-def load_images(spec: str | os.PathLike, progress: bool = True) -> torch.Tensor:
-    """uint8 (N, C, H, W) from a pack (memory-mapped), a folder (RGB, at the first image's size) or an
-    .npz/.npy array."""
+def load_images(spec: str | os.PathLike, progress: bool = True) -> ImageData:
+    """ImageData with uint8 (N, C, H, W) images from a pack (memory-mapped), a folder (RGB, at the
+    first readable image's size; unreadable files are skipped and listed in ``.skipped``, as training
+    does) or an .npz/.npy array."""
     path = Path(spec)
     if is_pack(path):
-        return open_pack(path, names=False).images
+        return open_pack(path, names=False)
     if path.is_dir():
         files = list_images(path)
         if not files:
             raise FileNotFoundError(f"no images found under {path}")
-        with Image.open(files[0]) as im:
-            size = min(im.size)
-        return load_folder(path, size, 3, progress).images
+        return load_folder(path, _first_size(files), 3, progress)
     if path.is_file() and path.suffix in (".npz", ".npy"):
-        return load_array(path).images
+        return load_array(path)
     raise FileNotFoundError(f"{spec!r} is neither an image folder nor an .npz/.npy file of images")
+
+
+def _first_size(files: list[Path]) -> int:
+    """The side of the first readable image (a truncated first file must not decide, nor stop, the run)."""
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                return min(im.size)
+        except READ_ERRORS:
+            continue
+    raise ValueError(f"none of the {len(files)} images under {files[0].parent} could be read")
 
 
 def is_stats_file(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not (path.is_file() and path.suffix == ".npz"):
         return False
-    with np.load(path) as z:
+    with np_load(path) as z:
         return "mu" in z.files and "sigma" in z.files
 
 
@@ -118,14 +130,18 @@ def reference(ref: str | os.PathLike, extractor, batch_size: int = 250, device=N
     stats_file, feats_file = cache_paths(ref, extractor)
     if stats_file.is_file():
         feats = torch.from_numpy(np.load(feats_file)) if feats_file.is_file() else None
-        return Reference(load_stats(stats_file), feats)
-    feats = batched_features(extractor, load_images(ref, progress), batch_size, device, progress)
+        stats = load_stats(stats_file)
+        return Reference(stats, feats, tuple(map(tuple, json.loads(stats.meta.get("skipped", "[]")))))
+    data = load_images(ref, progress)
+    feats = batched_features(extractor, data.images, batch_size, device, progress)
     mu, sigma = feature_stats(feats)
+    skipped = json.dumps(data.skipped)  # kept with the cache: a later run reports them too
     try:
-        _write_cache(stats_file, feats_file, feats, mu, sigma, extractor=extractor.name, n=len(feats), source=str(ref))
+        _write_cache(stats_file, feats_file, feats, mu, sigma, extractor=extractor.name, n=len(feats), source=str(ref),
+                     skipped=skipped)
     except OSError as err:  # a read-only data folder: evaluate anyway, only the cache is lost
         warnings.warn(f"could not cache reference statistics at {stats_file}: {err}")
-    return Reference(FeatureStats(mu, sigma, {"extractor": extractor.name}), feats)
+    return Reference(FeatureStats(mu, sigma, {"extractor": extractor.name}), feats, tuple(map(tuple, data.skipped)))
 
 
 def _write_cache(stats_file: Path, feats_file: Path, feats: torch.Tensor, mu, sigma, **meta) -> None:

@@ -18,28 +18,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.flags import ConfigError, Count, Fraction, NonNegInt, validate
 from .attention import MultiHeadAttention
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    img_size: int = 32
-    in_channels: int = 3
-    channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 4)
-    num_res_blocks: int = 2
-    attention_ds: tuple[int, ...] = (4,)  # downsample factors with self-attention ("resolution 4")
-    heads: int = 8
-    dropout: float = 0.0
+    img_size: Count = 32
+    in_channels: Count = 3
+    channels: Count = 128
+    channel_mult: tuple[Count, ...] = (1, 2, 4)
+    num_res_blocks: Count = 2
+    attention_ds: tuple[Count, ...] = (4,)  # downsample factors with self-attention ("resolution 4")
+    heads: Count = 8
+    dropout: Fraction = 0.0
     scale_shift_norm: bool = True
-    num_classes: int = 0  # K, size of the image-level condition vector; 0 = unconditional
-    cond_embed_dim: int = 256  # Tables 8-10: conditioning embedding dimension
-    layout_channels: int = 0  # C_layout: 1 for a box mask, K for a one-hot segmentation
-    context_tokens: int = 0  # Table 10: 8 condition tokens ...
-    context_dim: int = 32  # ... of dim 32
-    cross_attention_ds: tuple[int, ...] = ()  # levels with cross-attention on the tokens
+    num_classes: NonNegInt = 0  # K, size of the image-level condition vector; 0 = unconditional
+    cond_embed_dim: Count = 256  # Tables 8-10: conditioning embedding dimension
+    layout_channels: NonNegInt = 0  # C_layout: 1 for a box mask, K for a one-hot segmentation
+    context_tokens: NonNegInt = 0  # Table 10: 8 condition tokens ...
+    context_dim: Count = 32  # ... of dim 32
+    cross_attention_ds: tuple[Count, ...] = ()  # levels with cross-attention on the tokens
 
     def __post_init__(self):
+        validate(self)
         if not self.channel_mult:
             raise ValueError("channel_mult needs at least one level, e.g. 1,2,4")
         if self.img_size % 2 ** (len(self.channel_mult) - 1):
@@ -47,6 +49,18 @@ class UNetConfig:
                              f"for channel_mult={self.channel_mult}")
         if self.context_tokens and not self.num_classes:
             raise ValueError("cross-attention tokens come from the condition vector: set num_classes > 0")
+        self._check_heads()
+
+    def _check_heads(self) -> None:
+        """Every attention block (the middle one always) splits its width into ``heads`` equal parts."""
+        widths = {self.channels * m for level, m in enumerate(self.channel_mult)
+                  if 2 ** level in self.attention_ds + self.cross_attention_ds}
+        for width in sorted(widths | {self.channels * self.channel_mult[-1]}):
+            if width % self.heads:
+                fits = [h for h in range(1, width + 1) if not any(w % h for w in widths | {width})]
+                fits = sorted(sorted(fits, key=lambda h: abs(h - self.heads))[:3])
+                raise ConfigError("heads", f"must divide every attention width (here {width} = channels x "
+                                  f"channel_mult), got {self.heads}: pass one of {', '.join(map(str, fits))}")
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..common.flags import Count, Positive, validate
 from .attention import MultiHeadAttention
 from .unet import timestep_embedding
 
@@ -30,23 +31,24 @@ _CLS = 2  # index of the CLS token
 
 @dataclass(frozen=True)
 class UViTConfig:
-    img_size: int = 32
-    in_channels: int = 3
-    patch: int = 2
-    dim: int = 512
-    depth: int = 13  # all transformer blocks: (depth - 1) / 2 in, 1 mid, (depth - 1) / 2 out
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    cond_dim: int | None = None  # size of the condition vector y (a prototype); None: dim
+    img_size: Count = 32
+    in_channels: Count = 3
+    patch: Count = 2
+    dim: Count = 512
+    depth: Count = 13  # all transformer blocks: (depth - 1) / 2 in, 1 mid, (depth - 1) / 2 out
+    heads: Count = 8
+    mlp_ratio: Positive = 4.0
+    cond_dim: Count | None = None  # size of the condition vector y (a prototype); None: dim
     conv: bool = False  # 3x3 conv after unpatchify (the paper's Table 4: off)
     mlp_time_embed: bool = False  # U-ViT's optional MLP on the sinusoidal time embedding
-    time_scale: float = 1000.0  # flow time t in [0, 1] -> t * 1000, the range sinusoids resolve
+    time_scale: Positive = 1000.0  # flow time t in [0, 1] -> t * 1000, the range sinusoids resolve
     skip: bool = True  # the long skip connections (False: a plain ViT, for ablations)
     feature_block: int | None = None  # block (0-based) whose tokens are the features; None: mid
     patch_cond: bool = False  # accept per-patch condition vectors (patch-level self-guidance)
 
     def __post_init__(self):
-        if self.depth < 1 or self.depth % 2 == 0:
+        validate(self)  # ranges first: the checks below divide by them
+        if self.depth % 2 == 0:
             raise ValueError(f"depth counts in, mid and out blocks and must be odd (2n+1), got {self.depth}")
         if self.img_size % self.patch:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch {self.patch}")
