@@ -120,18 +120,6 @@ def sd3_step_inputs(layers, heads, head_dim, side, B, dtype):
     return net, x, torch.tensor(700.0, device=DEVICE), cond, uncond
 
 
-def guided_step(guider, net, x, t, cond, uncond):
-    """One step of diffusers' guider protocol, as StableDiffusion3LoopDenoiser runs it."""
-    guider.set_state(step=0, num_inference_steps=1, timestep=t)
-    batches = guider.prepare_inputs({"hidden_states": (x, x), "encoder_hidden_states": (cond[0], uncond[0]),
-                                     "text_embeds": (cond[1], uncond[1])})
-    for batch in batches:
-        guider.prepare_models(net)
-        batch.noise_pred = net(hidden_states=batch.hidden_states, timestep=t.expand(x.shape[0]),
-                               encoder_hidden_states=batch.encoder_hidden_states,
-                               pooled_projections=batch.text_embeds, return_dict=False)[0]
-        guider.cleanup_models(net)
-    return guider(batches).pred
 
 
 def step_guiders() -> dict:
@@ -154,8 +142,10 @@ def step_medians(steps: dict, n: int) -> dict:
 
 def step_runs(shape) -> tuple[dict, float, int]:
     """(the three guided steps, forward FLOPs per image, parameters) of one shape, warmed up."""
+    from sgengine.guidance.guiders import sd3_guided_step
     inputs = sd3_step_inputs(*shape, torch.bfloat16 if ON_GPU else torch.float32)
-    steps = {name: timed(torch.no_grad()(lambda g=g: guided_step(g, *inputs))) for name, g in step_guiders().items()}
+    steps = {name: timed(torch.no_grad()(lambda g=g: sd3_guided_step(g, *inputs)))
+             for name, g in step_guiders().items()}
     for run in steps.values():  # warm up (autotune) outside the timing
         run()
     net, x, t, cond, _ = inputs

@@ -15,7 +15,7 @@ from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffus
     StableDiffusion3T2ICoreDenoiseStep)
 
 from sgengine.guidance import adapter_for  # noqa: E402
-from sgengine.guidance.guiders import PAGGuider, SAGGuider, SEGGuider  # noqa: E402
+from sgengine.guidance.guiders import PAGGuider, SAGGuider, SEGGuider, sd3_guided_step  # noqa: E402
 from sgengine.kernels import gaussian_blur_ref  # noqa: E402
 
 W_CFG, S = 5.0, 0.75
@@ -73,18 +73,6 @@ def test_passes_are_shared_and_leave_no_hook(sd3, make, forwards):
     assert not sd3[0].transformer._forward_pre_hooks
 
 
-def loop_step(guider, net, x, t, cond, uncond):
-    """One step of the guider protocol exactly as StableDiffusion3LoopDenoiser runs it."""
-    guider.set_state(step=0, num_inference_steps=1, timestep=t)
-    batches = guider.prepare_inputs({"hidden_states": (x, x), "encoder_hidden_states": (cond[0], uncond[0]),
-                                     "text_embeds": (cond[1], uncond[1])})
-    for batch in batches:
-        guider.prepare_models(net)
-        batch.noise_pred = net(hidden_states=batch.hidden_states, timestep=t.expand(x.shape[0]),
-                               encoder_hidden_states=batch.encoder_hidden_states,
-                               pooled_projections=batch.text_embeds, return_dict=False)[0]
-        guider.cleanup_models(net)
-    return guider(batches).pred
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +87,7 @@ def step_inputs(sd3):
 @torch.no_grad()
 def test_one_sag_step_equals_the_formula_by_hand(step_inputs):
     net, x, t, cond, uncond = step_inputs
-    got = loop_step(SAGGuider(guidance_scale=W_CFG, sag_scale=S), net, x, t, cond, uncond)
+    got = sd3_guided_step(SAGGuider(guidance_scale=W_CFG, sag_scale=S), net, x, t, cond, uncond)
 
     def model(x, c):
         return net(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=c[0], pooled_projections=c[1]).sample
@@ -125,10 +113,10 @@ def test_sag_term_composes_with_apg_unchanged(step_inputs):
     """APG replaces only the CFG part: SAG+APG - APG = SAG+CFG - CFG (the shared passes feed both)."""
     apg = lambda: AdaptiveProjectedGuidance(guidance_scale=W_CFG, eta=0.0, adaptive_projected_guidance_rescale=2.0)
     net, x, t, cond, uncond = step_inputs
-    with_apg = (loop_step(SAGGuider(sag_scale=S, cfg=apg()), net, x, t, cond, uncond)
-                - loop_step(apg(), net, x, t, cond, uncond))
-    with_cfg = (loop_step(SAGGuider(guidance_scale=W_CFG, sag_scale=S), net, x, t, cond, uncond)
-                - loop_step(ClassifierFreeGuidance(guidance_scale=W_CFG), net, x, t, cond, uncond))
+    with_apg = (sd3_guided_step(SAGGuider(sag_scale=S, cfg=apg()), net, x, t, cond, uncond)
+                - sd3_guided_step(apg(), net, x, t, cond, uncond))
+    with_cfg = (sd3_guided_step(SAGGuider(guidance_scale=W_CFG, sag_scale=S), net, x, t, cond, uncond)
+                - sd3_guided_step(ClassifierFreeGuidance(guidance_scale=W_CFG), net, x, t, cond, uncond))
     assert with_cfg.abs().max() > 1e-3
     torch.testing.assert_close(with_apg, with_cfg, atol=1e-5, rtol=1e-5)
 
@@ -151,7 +139,7 @@ def test_one_perturbed_step_equals_the_formula(step_inputs, mode):
     layer = "transformer_blocks.0.attn"
     guider = (PAGGuider(guidance_scale=W_CFG, perturbed_guidance_scale=S, layer=layer) if mode == "pag" else
               SEGGuider(guidance_scale=W_CFG, seg_guidance_scale=S, seg_blur_sigma=1.0, layer=layer))
-    got = loop_step(guider, net, x, t, cond, uncond)
+    got = sd3_guided_step(guider, net, x, t, cond, uncond)
 
     def model(x, c):
         return net(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=c[0], pooled_projections=c[1]).sample
@@ -167,10 +155,10 @@ def test_diffusers_seg_guider_never_perturbs_where_ours_does(step_inputs):
     applied and its 'perturbed' pass is the condition pass again, so SEG adds nothing to CFG."""
     from diffusers.guiders import SmoothedEnergyGuidance
     net, x, t, cond, uncond = step_inputs
-    cfg = loop_step(ClassifierFreeGuidance(guidance_scale=W_CFG), net, x, t, cond, uncond)
-    theirs = loop_step(SmoothedEnergyGuidance(guidance_scale=W_CFG, seg_guidance_scale=S, seg_guidance_layers=[0],
+    cfg = sd3_guided_step(ClassifierFreeGuidance(guidance_scale=W_CFG), net, x, t, cond, uncond)
+    theirs = sd3_guided_step(SmoothedEnergyGuidance(guidance_scale=W_CFG, seg_guidance_scale=S, seg_guidance_layers=[0],
                                               seg_blur_sigma=1.0), net, x, t, cond, uncond)
-    ours = loop_step(SEGGuider(guidance_scale=W_CFG, seg_guidance_scale=S, seg_blur_sigma=1.0), net, x, t, cond, uncond)
+    ours = sd3_guided_step(SEGGuider(guidance_scale=W_CFG, seg_guidance_scale=S, seg_blur_sigma=1.0), net, x, t, cond, uncond)
     torch.testing.assert_close(theirs, cfg, atol=1e-6, rtol=0)
     assert (ours - cfg).abs().max() > 1e-3
 

@@ -360,4 +360,20 @@ class SEGGuider(_PerturbedGuidance):
         return {"sigma": self.sigma}
 
 
-__all__ = ["MIN_DIFFUSERS", "PAGGuider", "SAGGuider", "SEGGuider"]
+def sd3_guided_step(guider, transformer, x, t, cond, uncond):
+    """One denoiser step of diffusers' guider protocol on an SD3 transformer, exactly as the modular
+    ``StableDiffusion3LoopDenoiser`` runs it: for a loop of your own, and the tests and benchmarks.
+    x: (B, C, H, W) latent; t: scalar timestep; cond / uncond: (prompt_embeds, pooled_prompt_embeds)."""
+    guider.set_state(step=0, num_inference_steps=1, timestep=t)
+    batches = guider.prepare_inputs({"hidden_states": (x, x), "encoder_hidden_states": (cond[0], uncond[0]),
+                                     "text_embeds": (cond[1], uncond[1])})
+    for batch in batches:
+        guider.prepare_models(transformer)
+        batch.noise_pred = transformer(hidden_states=batch.hidden_states, timestep=t.expand(x.shape[0]),
+                                       encoder_hidden_states=batch.encoder_hidden_states,
+                                       pooled_projections=batch.text_embeds, return_dict=False)[0]
+        guider.cleanup_models(transformer)
+    return guider(batches).pred
+
+
+__all__ = ["MIN_DIFFUSERS", "PAGGuider", "SAGGuider", "SEGGuider", "sd3_guided_step"]

@@ -129,8 +129,9 @@ class Hook:
 
 
 class AttentionAdapter:
-    """One attention family; subclasses implement ``claims``, ``layers``, ``default_layer`` and
-    ``install`` (put ``hook`` on the layer, appending its undo callables to ``hook.undo``)."""
+    """One attention family; subclasses implement ``claims``, ``layers`` and ``install`` (put ``hook``
+    on the layer, appending its undo callables to ``hook.undo``), and ``default_layer`` where half
+    depth is not the right default."""
 
     family: ClassVar[str] = ""
     models: ClassVar[str] = ""  # what the family covers, for the unsupported-model error
@@ -148,7 +149,9 @@ class AttentionAdapter:
 
     @property
     def default_layer(self) -> str:
-        raise NotImplementedError
+        """A transformer keeps one resolution throughout: the layer at half depth, between the early
+        blocks that see patches and the late ones that render detail (UNet families override)."""
+        return middle(self.layers())
 
     def install(self, layer: str, hook: Hook) -> None:
         raise NotImplementedError

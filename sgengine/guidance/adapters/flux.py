@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AttentionAdapter, Hook, install_processor, is_diffusers, middle, register
+from .base import AttentionAdapter, Hook, install_processor, is_diffusers, register
 from .ops import Tokens
 
 EXPECT = ("FluxAttnProcessor", "FluxAttnProcessor2_0")
@@ -84,10 +84,6 @@ class FluxAdapter(AttentionAdapter):
     def layers(self) -> list[str]:
         return ([f"transformer_blocks.{i}.attn" for i in range(len(self.root.transformer_blocks))]
                 + [f"single_transformer_blocks.{i}.attn" for i in range(len(self.root.single_transformer_blocks))])
-
-    @property
-    def default_layer(self) -> str:
-        return middle(self.layers())
 
     def install(self, layer: str, hook: Hook) -> None:
         self.watch_root(hook, self._grid)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionAdapter, Hook, install_processor, is_diffusers, middle, register
+from .base import AttentionAdapter, Hook, install_processor, is_diffusers, register
 from .selfattn import EXPECT, SelfAttnProcessor
 from .unet import self_attention_layers
 
@@ -32,10 +32,6 @@ class PixArtAdapter(AttentionAdapter):
 
     def layers(self) -> list[str]:
         return self_attention_layers(self.root)
-
-    @property
-    def default_layer(self) -> str:
-        return middle(self.layers())
 
     def install(self, layer: str, hook: Hook) -> None:
         self.watch_latent(hook)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionAdapter, Hook, install_processor, is_diffusers, middle, register
+from .base import AttentionAdapter, Hook, install_processor, is_diffusers, register
 from .ops import AttentionOps, Tokens, blur_tokens
 from .unet import self_attention_layers
 
@@ -97,10 +97,6 @@ class SanaAdapter(AttentionAdapter):
 
     def layers(self) -> list[str]:
         return self_attention_layers(self.root)
-
-    @property
-    def default_layer(self) -> str:
-        return middle(self.layers())
 
     def install(self, layer: str, hook: Hook) -> None:
         self.watch_latent(hook)
