@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .common.flags import (ConfigError, Count, FlagParser, NonNeg, NonNegInt, Range, add_dataclass_flags, collect,
-                           error_line, validate)
+                           error_line, run_cli, validate)
 from .config import apply_overrides, check_runnable, preset
 from .data import ImageData, load_data
 from .device import device_problem, resolve_device
@@ -324,4 +324,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -20,7 +20,7 @@ from .device import device_flag, resolve_device
 from .guidance.attach import list_attention_layers
 from .sampling import generator_at, grid_clusters, sample
 from .checkpoint import load_meta, resolve_checkpoint
-from .common.flags import Count, FlagParser, NonNeg, NonNegInt, add_typed, error_line
+from .common.flags import Count, FlagParser, NonNeg, NonNegInt, add_typed, error_line, run_cli
 from .common.io import DiskFull, atomic_write
 from .common.paths import check_writable
 from .diffusion.samplers import SAMPLERS
@@ -215,4 +215,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checkpoint import latest_checkpoint
 from .common import runlock
-from .common.flags import error_line
+from .common.flags import EXIT_INTERRUPTED, error_line, run_cli
 from .common.io import DiskFull
 from .common.paths import check_writable
 from .common.ranks import dist_info, world_size
@@ -26,8 +26,6 @@ from .config import TrainConfig, parse_args
 from .data import load_data
 from .training.interrupt import Interrupted
 from .training.trainer import SELF_LABELS_FILE, NonFiniteLoss, Trainer, resolve_model
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program that Ctrl-C stopped
 
 
 def _trainer_class(cfg):
@@ -152,4 +150,4 @@ def _command(argv: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -447,3 +447,21 @@ def test_the_sample_cli_names_a_full_disk(straight, tmp_path, monkeypatch, capsy
     [line] = [m for m in _messages(capsys.readouterr().err) if m.startswith("error:")]
     assert line.startswith(f"error: the disk is full: no space left for {out.with_suffix('.npz')} on {mount} ({device}, ")
     assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]  # no half .npz
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("module", ["sgengine.sample", "sgengine.annotate", "sgengine.eval", "sgengine.data",
+                                    "sgengine.experiment", "sgengine.training.bench"])
+def test_ctrl_c_in_any_cli_is_one_line_and_exit_130(module, monkeypatch, capsys):
+    """Every CLI ends a Ctrl-C in one line and exit 130, not a KeyboardInterrupt traceback."""
+    import runpy
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    monkeypatch.setattr("argparse.ArgumentParser.parse_known_args", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted: stopped by Ctrl-C before the command finished; run it again"]

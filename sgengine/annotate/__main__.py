@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from ..common.flags import Count, FlagParser, Fraction, Positive, add_typed, error_line
+from ..common.flags import Count, FlagParser, Fraction, Positive, add_typed, error_line, run_cli
 from ..common.paths import check_writable
 from ..data import ImageData, load_data, report_skipped
 from ..device import device_flag, resolve_device
@@ -213,4 +213,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -345,3 +345,17 @@ def error_line(err: BaseException) -> str:
     else:
         text = str(err) or type(err).__name__
     return "error: " + " ".join(text.split())
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program that Ctrl-C stopped
+
+
+def run_cli(main) -> None:
+    """``sys.exit(main())`` for every CLI: Ctrl-C ends in one line and exit 130, not a traceback
+    (the trainer's main catches it first: it saves the step and names the resume command)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("interrupted: stopped by Ctrl-C before the command finished; run it again", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)

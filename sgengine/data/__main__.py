@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Literal
 
-from ..common.flags import Count, FlagParser, NonNegInt, Positive, add_typed, error_line
+from ..common.flags import Count, FlagParser, NonNegInt, Positive, add_typed, error_line, run_cli
 from ..device import device_flag
 
 
@@ -59,4 +59,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

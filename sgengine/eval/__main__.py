@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from ..common.flags import Count, FlagParser, add_typed, error_line
+from ..common.flags import Count, FlagParser, add_typed, error_line, run_cli
 from ..common.paths import check_writable
 from ..device import device_flag
 from .runner import evaluate_images, feature_network, load_images, reference
@@ -113,4 +113,4 @@ def _missing(err: FileNotFoundError, args) -> str:
             "FD_classifier, not FID).")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

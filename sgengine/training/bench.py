@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..common.flags import Count, FlagParser, Positive, add_typed
+from ..common.flags import Count, FlagParser, Positive, add_typed, run_cli
 from ..common.gpus import gpu_for
 from ..config import TrainConfig, build_parser, parse_args
 from ..diffusion.objectives import build_network
@@ -112,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
