@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 import roofline
-from benchlib import DEVICE, ON_GPU, check_budget, peak_memory, record, sizes, timed
+from benchlib import DEVICE, ON_GPU, check_budget, cpu_model, peak_memory, record, sizes, timed, torch_blas
 
 from sgengine.kernels.attention_key_mass import attention_with_key_mass, attention_with_key_mass_ref
 
@@ -199,13 +198,7 @@ def child(provider: str) -> dict:
 
 def cpu_facts() -> dict:
     """CPU model, BLAS and threads: CPU figures mean nothing without them."""
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "unknown CPU")
-    config = torch.__config__.show()
-    blas = re.search(r"BLAS_INFO=(\w+)", config)
-    library = re.search(r"(Intel\(R\) oneAPI Math Kernel Library Version \S+|OpenBLAS \S+)", config)
-    blas = " ".join(m.group(1) for m in (blas, library) if m) or "unknown"
-    return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "blas": blas,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "blas": torch_blas(),
             "mkldnn": torch.backends.mkldnn.is_available(), "torch": torch.__version__}
 
 

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import time
 
 import pytest
 import torch
-from benchlib import best_seconds
+from benchlib import best_seconds, cpu_model, torch_blas
 
 from sgengine.annotate.kmeans import KMeans
 
@@ -61,22 +59,9 @@ def set_threads(n: int) -> None:
 
 def host() -> str:
     """CPU model, torch's BLAS and faiss's BLAS (via threadpoolctl where installed)."""
-    config = torch.__config__.show()
-    mkl = re.search(r"Math Kernel Library Version (\S+?)-", config)
-    blas = re.search(r"BLAS_INFO=(\w+)", config)
-    torch_blas = f"MKL {mkl.group(1)}" if mkl else (blas.group(1) if blas else "unknown")
-    return f"{cpu_model()}; torch {torch.__version__}: {torch_blas}; faiss: {faiss_blas()}"
+    return f"{cpu_model()}; torch {torch.__version__}: {torch_blas()}; faiss: {faiss_blas()}"
 
 
-def cpu_model() -> str:
-    """/proc/cpuinfo's model name with family and model (a VM may show only "AMD EPYC")."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def faiss_blas() -> str:

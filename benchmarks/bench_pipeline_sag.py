@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import re
 import time
 
 import pytest
 import torch
-from benchlib import best_seconds
+from benchlib import best_seconds, cpu_model, torch_blas
 
 import sgengine as sg
 
@@ -88,18 +86,8 @@ def _steps(pipe, call, rows: int):
     return plain, guided, extra
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
-def blas() -> str:
-    info = torch.__config__.show()
-    found = re.search(r"BLAS_INFO=([^,\s]+)", info)
-    return found.group(1) if found else "unknown"
 
 
 def side_by_side(size, repeats: int) -> dict:
@@ -133,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = SMOKE if args.smoke else FULL
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; cpu: {cpu_model()}, {args.threads} threads, BLAS: {blas()}, torch {torch.__version__}")
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; cpu: {cpu_model()}, {args.threads} threads, BLAS: {torch_blas()}, torch {torch.__version__}")
     print(f"latent {size[0]}x{size[1]}, B={size[2]}, fastest of {args.repeats} round-robin repeats")
     print(f"{'case':<12} {'plain ms':>9} {'sag ms':>9} {'ratio':>6} {'floor (measured: + forward of B)':>33} {'ideal':>6}")
     for name, (p, g, ratio, measured, floor) in side_by_side(size, args.repeats).items():

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 import torch
+from benchlib import cpu_model
 
 
 def blobs(n_per: int, d: int, k: int = 8, sep: float = 8.0, seed: int = 0) -> torch.Tensor:
@@ -28,12 +28,6 @@ def blobs(n_per: int, d: int, k: int = 8, sep: float = 8.0, seed: int = 0) -> to
     return centres.repeat_interleave(n_per, dim=0) + torch.randn(k * n_per, d, generator=g)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def setting(n_per: int, d: int, epochs: int, k: int = 8) -> dict:

@@ -103,3 +103,25 @@ def stream(entry: dict) -> None:
     if path:
         with open(path, "a") as fh:  # one short line a write: no interleaving within one process
             fh.write(json.dumps(entry, default=lambda o: f"UNSERIALIZABLE[{o}]") + "\n")
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name with family and model (a VM may show only "AMD EPYC"): a CPU figure
+    means nothing without it."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def torch_blas() -> str:
+    """torch's BLAS with its version where torch's build config names one (MKL x.y / OpenBLAS x.y)."""
+    import re
+    config = torch.__config__.show()
+    mkl = re.search(r"Math Kernel Library Version (\S+?)-", config)
+    found = re.search(r"BLAS_INFO=(\w+)", config)
+    return f"MKL {mkl.group(1)}" if mkl else (found.group(1) if found else "unknown")

@@ -24,7 +24,6 @@ tiny sizes with the Triton kernels under the interpreter: the same code path, no
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
